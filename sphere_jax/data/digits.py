@@ -51,6 +51,7 @@ prepares the dataset (if needed) and prints the number of examples per class.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import gzip
 import importlib.util
@@ -341,6 +342,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(...).
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -350,6 +353,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             )
         if name == "_reconstruct":
             return _numpy_reconstruct()
+        if module == "_codecs":
+            return codecs.encode
         return getattr(np, name)
 
 
@@ -781,7 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             counts = class_counts(labels)
             print(f"  {split}: {labels.shape[0]} examples")
             for k, c in enumerate(counts):
-                print(f"    {k} {names[k]:<12} {c}")
+                name = "" if names[k] == str(k) else names[k]
+                print(f"    {k} {name:<12} {c}")
     return 0
 
 
