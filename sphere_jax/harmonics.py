@@ -119,19 +119,39 @@ def so3_key(L: int, forward: bool) -> str:
     return f"so3_{'fwd' if forward else 'inv'}_L{L}"
 
 
-def build_tables(keys) -> dict[str, jax.Array]:
-    """Device arrays for the named tables (``"s2_fwd_L30"``, ``"so3_inv_L10"``, ...).
+def table_specs(kind: str, L: int, forward: bool) -> dict[str, "callable"]:
+    """``{key: builder}`` for one transform table; models merge these into their table specs."""
+    if kind == "s2":
+        return {s2_key(L, forward): functools.partial(s2_table, L, forward)}
+    return {so3_key(L, forward): functools.partial(so3_table, L, L, forward)}
 
-    Models list what they need (``model.table_keys()``); pass the result to ``apply``.
+
+def kernel_d_key(L: int, betas) -> str:
+    return f"kd_L{L}_" + "_".join(f"{b:.8f}" for b in np.atleast_1d(betas))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_d(L: int, betas: tuple[float, ...]) -> np.ndarray:
+    return wigner_d(L, np.asarray(betas)).astype(np.float32)
+
+
+def kernel_d_spec(L: int, betas) -> dict[str, "callable"]:
+    """Spec of the d-matrices ``[L, 2L-1, 2L-1, nb]`` of a filter grid's rings (see :func:`wigner_d`)."""
+    betas = tuple(float(b) for b in np.atleast_1d(betas))
+    return {kernel_d_key(L, betas): functools.partial(_kernel_d, L, betas)}
+
+
+def build_tables(specs: Mapping[str, "callable"]) -> dict[str, jax.Array]:
+    """Build the constant tables a model needs, once, outside ``jit``.
+
+    Args:
+      specs: ``{key: builder}`` as returned by ``model.table_specs()``; builders return numpy
+        arrays and are cached per band-limit, so equal tables are built once.
+
+    Returns:
+      ``{key: device array}`` to pass to ``model.apply(variables, x, tables)``.
     """
-    out = {}
-    for key in sorted(set(keys)):
-        kind, direction, lpart = key.split("_")
-        L = int(lpart[1:])
-        fwd = direction == "fwd"
-        arr = s2_table(L, fwd) if kind == "s2" else so3_table(L, L, fwd)
-        out[key] = jnp.asarray(arr)
-    return out
+    return {key: jnp.asarray(build()) for key, build in sorted(specs.items())}
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,13 +242,12 @@ def so3_inverse(flmn: jax.Array, table: jax.Array) -> jax.Array:
     return so3_inverse_half(flmn[:, N - 1 :], table)
 
 
-def tables_for(tables: Mapping[str, jax.Array], kind: str, L: int, forward: bool) -> jax.Array:
-    """Look up a table by kind (``"s2"`` / ``"so3"``), band-limit and direction, with a clear error."""
-    key = s2_key(L, forward) if kind == "s2" else so3_key(L, forward)
+def lookup(tables: Mapping[str, jax.Array], key: str) -> jax.Array:
+    """Fetch a table by key, with an error that says how to build it."""
     try:
         return tables[key]
     except KeyError:
         raise KeyError(
             f"transform table {key!r} missing; build tables with "
-            f"sphere_jax.harmonics.build_tables(model.table_keys())"
+            f"sphere_jax.harmonics.build_tables(model.table_specs())"
         ) from None
