@@ -13,10 +13,17 @@ Every layer is an exact quadrature of its defining integral (up to the band-limi
   so the layer is equivariant (and so is its real part).
 * :func:`so3_integrate` (SO(3) -> invariant): Haar mean over the grid.
 
-The spectral filter is never stored: weights live on the near-identity grid (real, U(-1, 1)
-times ``1/sqrt(|grid| C_in)``) and are mapped to Wigner space each call with the d-matrices of
+The spectral filter is never stored: weights live on the near-identity grid (real, drawn
+U(-1, 1) as in the reference, times ``sqrt(6 / (|grid| C_in))``) and are mapped to Wigner space each call with the d-matrices of
 the grid's rings (an FFT over the grid's azimuths and gammas, then a small contraction over
 rings), which costs far less than the reference's dense (grid x lmn) matrix product.
+
+Weight scale: because each layer here is the exact quadrature ``sum_j w_j f(R x_j)``, the
+He-style factor ``sqrt(6 / fan_in)`` keeps activations at unit scale through ReLU stacks
+(checked: input std 0.29 -> output std 0.32 through the 8-layer segmenter). The reference's
+``1/sqrt(|grid| C_in b_out^4 / b_in^2)`` (S2) and ``b_out^3 / b_in^3`` (SO(3)) factors
+compensate the normalisation of its own FFTs, which ours do not have; with them our
+8-layer network's output would shrink ~1000x at init.
 
 Shapes (channels last): S2 signals ``[B, 2L, 2L-1, C]``, SO(3) signals
 ``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L). Every
@@ -112,7 +119,7 @@ class S2Conv(nn.Module):
         betas, alphas = self._grid()
         w = self.param("kernel", _uniform, (self.n_beta, self.n_alpha, c_in, self.features))
         b = self.param("bias", nn.initializers.zeros, (self.features,))
-        w = w * (1.0 / np.sqrt(betas.size * alphas.size * c_in))
+        w = w * np.sqrt(6.0 / (betas.size * alphas.size * c_in))
 
         Lc = min(self.L_in, self.L_out)
         flm = hm.s2_forward_half(x, hm.lookup(tables, hm.s2_key(self.L_in, True)))[:, :Lc, :Lc]
@@ -164,7 +171,7 @@ class _SO3Filter(nn.Module):
         betas, alphas, pre_gammas = self._grid()
         w = self.param("kernel", _uniform, (self.n_beta, self.n_alpha, self.n_gamma, c_in, self.features))
         b = self.param("bias", nn.initializers.zeros, (self.features,))
-        w = w * (1.0 / np.sqrt(betas.size * alphas.size * pre_gammas.size * c_in))
+        w = w * np.sqrt(6.0 / (betas.size * alphas.size * pre_gammas.size * c_in))
         return w, b
 
     def _input_coeffs(self, x, tables):

@@ -86,7 +86,7 @@ def test_s2conv_equals_quadrature(s2_signal):
     x = jnp.asarray(f[None, ..., None], jnp.float32)
     layer = layers.S2Conv(features=2, L_in=L, L_out=L, max_beta=0.6)
     v, out, _ = _apply(layer, x)
-    w = np.asarray(v["params"]["kernel"])[:, :, 0, :] / np.sqrt(24)  # [b, a, d]
+    w = np.asarray(v["params"]["kernel"])[:, :, 0, :] * np.sqrt(6 / 24)  # [b, a, d]
     xp = O.s2_filter_points(*grids.s2_near_identity_grid(0.6))
     Rx = np.einsum("...ij,baj->...bai", O.grid_rotations(L), xp)
     ref = np.einsum("...ba,bad->...d", O.eval_s2(flm, L, Rx), w)
@@ -112,7 +112,7 @@ def test_so3conv_equals_quadrature(s2_signal, L_out):
     x = jnp.asarray(F(O.grid_rotations(L))[None, ..., None], jnp.float32)
     layer = layers.SO3Conv(features=1, L_in=L, L_out=L_out, max_beta=0.5)
     v, out, _ = _apply(layer, x, 1)
-    w = np.asarray(v["params"]["kernel"])[..., 0, 0] / np.sqrt(192)
+    w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     Q = O.so3_filter_rotations(*grids.so3_near_identity_grid(0.5))
     RQ = np.einsum("...ij,bagjk->...bagik", O.grid_rotations(L_out), Q)
     ref = np.einsum("...bag,bag->...", F(RQ), w)
@@ -128,7 +128,7 @@ def test_so3conv_downsampling_exact_for_bandlimited_input():
     x = jnp.asarray(F(O.grid_rotations(L))[None, ..., None], jnp.float32)
     layer = layers.SO3Conv(features=1, L_in=L, L_out=Lo, max_beta=0.5)
     v, out, _ = _apply(layer, x, 2)
-    w = np.asarray(v["params"]["kernel"])[..., 0, 0] / np.sqrt(192)
+    w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     Q = O.so3_filter_rotations(*grids.so3_near_identity_grid(0.5))
     ref = np.einsum("...bag,bag->...", F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(Lo), Q)), w)
     assert rel(out[0, ..., 0], ref) < 1e-4
@@ -154,7 +154,7 @@ def test_so3_to_s2_equals_explicit_wigner_formula(s2_signal):
     layer = layers.SO3ToS2(features=1, L_in=L, L_out=Lo, max_beta=0.5)
     v, out, _ = _apply(layer, x, 3)
     assert out.shape == (1, 2 * Lo, 2 * Lo - 1, 1)
-    w = np.asarray(v["params"]["kernel"])[..., 0, 0] / np.sqrt(192)
+    w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     betas, alphas, pg = grids.so3_near_identity_grid(0.5)
     # F_lmn by s2fft's own (numpy) Wigner transform, independent of sphere_jax.harmonics
     Flmn = s2fft.wigner.forward(Fg.astype(complex), L, L, sampling="dh", method="numpy")

@@ -1,0 +1,260 @@
+"""S2CNN classifiers and segmenters of the study, with its named configurations.
+
+All models share one calling convention::
+
+    tables = sphere_jax.harmonics.build_tables(model.table_specs())   # once, outside jit
+    variables = model.init(key, x, tables)
+    logits = model.apply(variables, x, tables)
+
+Inputs are S2 signals ``x float32 [B, 2L, 2L-1, C]`` on the dh grid (``[batch, theta, phi,
+channel]``). Classifiers return logits ``[B, num_classes]`` (rotation invariant);
+segmenters return per-pixel logits ``[B, 2L_out, 2L_out-1, num_classes]`` (rotation
+equivariant).
+
+Filter radii (``max_betas``, radians) follow the reference's rule of about 6.19 grid steps of
+the layer's input band-limit: ``max_beta = 6.19 pi / L_in`` (e.g. ``0.1238 pi`` at 50).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sphere_jax import layers
+
+RADIUS_GRID_STEPS = 6.19
+
+
+def default_max_beta(L_in: int) -> float:
+    """Filter radius of the reference (in radians) for a layer of input band-limit ``L_in``,
+    capped at ``pi / 2`` (a hemisphere) for very small band-limits."""
+    return float(min(np.round(RADIUS_GRID_STEPS / L_in, 4), 0.5) * np.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class S2CNNSegmenterConfig:
+    """S2 conv -> SO(3) convs -> SO3ToS2, ReLU between layers, no norm, no skips.
+
+    ``so3_features[i]`` / ``so3_bandlimits[i]`` are the output channels / band-limit of the
+    i-th SO(3) conv; ``max_betas`` has one radius per layer (S2, SO(3)..., SO3ToS2).
+    """
+
+    L_in: int = 50
+    in_channels: int = 1
+    s2_features: int = 11
+    s2_bandlimit: int = 42
+    so3_features: tuple[int, ...] = (12, 13, 14, 13, 12, 11)
+    so3_bandlimits: tuple[int, ...] = (35, 27, 20, 27, 35, 42)
+    L_out: int = 50
+    num_classes: int = 11
+    max_betas: tuple[float, ...] | None = None
+    n_alpha: int = 8
+    n_beta: int = 3
+    n_gamma: int = 8
+
+    def __post_init__(self):
+        if len(self.so3_features) != len(self.so3_bandlimits):
+            raise ValueError("so3_features and so3_bandlimits must have the same length")
+        if self.max_betas is not None and len(self.max_betas) != len(self.so3_features) + 2:
+            raise ValueError(f"max_betas needs {len(self.so3_features) + 2} radii (one per layer)")
+
+    def radii(self) -> tuple[float, ...]:
+        if self.max_betas is not None:
+            return tuple(self.max_betas)
+        ins = (self.L_in, self.s2_bandlimit) + tuple(self.so3_bandlimits)
+        return tuple(default_max_beta(L) for L in ins)
+
+
+@dataclasses.dataclass(frozen=True)
+class S2CNNClassifierConfig:
+    """S2 conv -> SO(3) convs -> Haar integration -> dense.
+
+    ``features[0]`` / ``bandlimits[0]`` belong to the S2 conv, the rest to SO(3) convs.
+    """
+
+    L_in: int = 30
+    in_channels: int = 1
+    features: tuple[int, ...] = (20, 40)
+    bandlimits: tuple[int, ...] = (10, 6)
+    num_classes: int = 10
+    max_betas: tuple[float, ...] | None = None
+    n_alpha: int = 6
+    n_beta: int = 1
+    n_gamma: int = 6
+
+    def __post_init__(self):
+        if len(self.features) != len(self.bandlimits) or not self.features:
+            raise ValueError("features and bandlimits must be non-empty and of equal length")
+
+    def radii(self) -> tuple[float, ...]:
+        if self.max_betas is not None:
+            return tuple(self.max_betas)
+        return tuple(np.pi / 16 for _ in self.features)
+
+
+def _seg_layers(cfg: S2CNNSegmenterConfig, **kw):
+    r = cfg.radii()
+    out = [layers.S2Conv(cfg.s2_features, cfg.L_in, cfg.s2_bandlimit, r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
+    L_prev = cfg.s2_bandlimit
+    for i, (c, L) in enumerate(zip(cfg.so3_features, cfg.so3_bandlimits)):
+        out.append(layers.SO3Conv(c, L_prev, L, r[i + 1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma, name=f"so3_conv_{i}", **kw))
+        L_prev = L
+    out.append(layers.SO3ToS2(cfg.num_classes, L_prev, cfg.L_out, r[-1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma, name="so3_to_s2", **kw))
+    return out
+
+
+def _cls_layers(cfg: S2CNNClassifierConfig, **kw):
+    r = cfg.radii()
+    out = [layers.S2Conv(cfg.features[0], cfg.L_in, cfg.bandlimits[0], r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
+    for i in range(1, len(cfg.features)):
+        out.append(
+            layers.SO3Conv(
+                cfg.features[i], cfg.bandlimits[i - 1], cfg.bandlimits[i], r[i],
+                cfg.n_alpha, cfg.n_beta, cfg.n_gamma, name=f"so3_conv_{i - 1}", **kw,
+            )
+        )
+    return out
+
+
+def _merge_specs(mods):
+    specs = {}
+    for m in mods:
+        specs.update(m.table_specs())
+    return specs
+
+
+def _check_input(x, L, C, name):
+    if x.ndim != 4 or x.shape[1:] != (2 * L, 2 * L - 1, C):
+        raise ValueError(
+            f"{name} expects x of shape [batch, {2 * L}, {2 * L - 1}, {C}] (band-limit {L}), got {tuple(x.shape)}"
+        )
+
+
+class S2CNNSegmenter(nn.Module):
+    """Equivariant segmenter: ``[B, 2L_in, 2L_in-1, C] -> [B, 2L_out, 2L_out-1, num_classes]``."""
+
+    config: S2CNNSegmenterConfig = S2CNNSegmenterConfig()
+
+    def table_specs(self) -> dict:
+        return _merge_specs(_seg_layers(self.config, parent=None))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, tables) -> jax.Array:
+        cfg = self.config
+        _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNSegmenter")
+        mods = _seg_layers(cfg)
+        for i, m in enumerate(mods):
+            x = m(x, tables)
+            if i < len(mods) - 1:
+                x = nn.relu(x)
+        return x
+
+
+class S2CNNClassifier(nn.Module):
+    """Invariant classifier: ``[B, 2L_in, 2L_in-1, C] -> [B, num_classes]``."""
+
+    config: S2CNNClassifierConfig = S2CNNClassifierConfig()
+
+    def table_specs(self) -> dict:
+        return _merge_specs(_cls_layers(self.config, parent=None))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, tables) -> jax.Array:
+        cfg = self.config
+        _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNClassifier")
+        for m in _cls_layers(cfg):
+            x = nn.relu(m(x, tables))
+        x = layers.so3_integrate(x)
+        return nn.Dense(cfg.num_classes, name="dense")(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Named configurations
+
+
+def scale_segmenter(L_in: int, cfg: S2CNNSegmenterConfig = S2CNNSegmenterConfig()) -> S2CNNSegmenterConfig:
+    """The same architecture with every band-limit scaled by ``L_in / cfg.L_in`` (min 2) and
+    radii recomputed by the reference's rule: for CPU runs at small band-limits."""
+    s = L_in / cfg.L_in
+    sc = lambda L: max(2, int(round(L * s)))
+    return dataclasses.replace(
+        cfg,
+        L_in=L_in,
+        s2_bandlimit=sc(cfg.s2_bandlimit),
+        so3_bandlimits=tuple(sc(L) for L in cfg.so3_bandlimits),
+        L_out=L_in,
+        max_betas=None,
+    )
+
+
+SEGMENTERS: dict[str, S2CNNSegmenterConfig] = {
+    # The study's 204,073-parameter segmenter at bandwidth 50.
+    "s2cnn_204k": S2CNNSegmenterConfig(
+        max_betas=tuple(b * np.pi for b in (0.1238, 0.1474, 0.1768, 0.2292, 0.3095, 0.2292, 0.1768, 0.1474))
+    ),
+}
+
+CLASSIFIERS: dict[str, S2CNNClassifierConfig] = {
+    # Cohen et al. 2018, spherical MNIST.
+    "s2cnn_cls": S2CNNClassifierConfig(),
+    # The deeper variant of the reference repository (~99.2 % on R/R).
+    "s2cnn_cls_deep": S2CNNClassifierConfig(
+        features=(8, 16, 16, 24, 24, 32, 64),
+        bandlimits=(30, 15, 15, 7, 7, 3, 3),
+        max_betas=tuple(default_max_beta(L) for L in (30, 30, 15, 15, 7, 7, 3)),
+        n_alpha=8,
+        n_beta=3,
+        n_gamma=8,
+    ),
+}
+
+
+def make_s2cnn(name: str, L_in: int | None = None, num_classes: int | None = None) -> nn.Module:
+    """A named S2CNN, optionally rescaled to input band-limit ``L_in`` (segmenters: all
+    band-limits scaled; classifiers: only the input band-limit changes)."""
+    if name in SEGMENTERS:
+        cfg = SEGMENTERS[name]
+        if L_in is not None and L_in != cfg.L_in:
+            cfg = scale_segmenter(L_in, cfg)
+        if num_classes is not None:
+            cfg = dataclasses.replace(cfg, num_classes=num_classes)
+        return S2CNNSegmenter(cfg)
+    if name in CLASSIFIERS:
+        cfg = CLASSIFIERS[name]
+        if L_in is not None:
+            if L_in < cfg.bandlimits[0]:
+                raise ValueError(f"{name}: input band-limit {L_in} is below the first layer's {cfg.bandlimits[0]}")
+            cfg = dataclasses.replace(cfg, L_in=L_in)
+        if num_classes is not None:
+            cfg = dataclasses.replace(cfg, num_classes=num_classes)
+        return S2CNNClassifier(cfg)
+    raise ValueError(f"unknown S2CNN {name!r}; choose one of {sorted(SEGMENTERS) + sorted(CLASSIFIERS)}")
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter pytree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def param_shapes(model: nn.Module):
+    """Parameter shapes without building tables or computing anything (``jax.eval_shape``)."""
+    cfg = model.config
+    x = jax.ShapeDtypeStruct((1, 2 * cfg.L_in, 2 * cfg.L_in - 1, cfg.in_channels), jnp.float32)
+    specs = model.table_specs()
+    abstract_tables = {k: jax.ShapeDtypeStruct(_table_shape(k), jnp.float32) for k in specs}
+    return jax.eval_shape(lambda t: model.init(jax.random.key(0), jnp.zeros(x.shape), t), abstract_tables)["params"]
+
+
+def _table_shape(key: str) -> tuple[int, ...]:
+    parts = key.split("_")
+    if parts[0] == "kd":
+        L = int(parts[1][1:])
+        return (L, 2 * L - 1, 2 * L - 1, len(parts) - 2)
+    L = int(parts[2][1:])
+    if parts[0] == "s2":
+        return (2 * L, L, L)
+    return (L, 2 * L, L, 2 * L - 1)
