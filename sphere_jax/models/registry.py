@@ -1,0 +1,35 @@
+"""One name space for every model of the study: S2CNNs and planar CNNs."""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from sphere_jax.models import s2cnn
+
+
+def model_names() -> list[str]:
+    names = sorted(s2cnn.SEGMENTERS) + sorted(s2cnn.CLASSIFIERS)
+    try:
+        from sphere_jax.models import cnn
+
+        names += sorted(cnn.SEGMENTERS) + sorted(cnn.CLASSIFIERS)
+    except ImportError:
+        pass
+    return names
+
+
+def make_model(name: str, L_in: int, num_classes: int | None = None) -> tuple[nn.Module, str]:
+    """``(model, task)`` for a model name at input band-limit ``L_in``; task is "classify" or "segment".
+
+    Every model is called as ``model.apply(variables, x [B, 2L, 2L-1, 1], tables)``.
+    """
+    if name in s2cnn.SEGMENTERS:
+        return s2cnn.make_s2cnn(name, L_in=L_in, num_classes=num_classes), "segment"
+    if name in s2cnn.CLASSIFIERS:
+        return s2cnn.make_s2cnn(name, L_in=L_in, num_classes=num_classes), "classify"
+    from sphere_jax.models import cnn
+
+    if name in cnn.SEGMENTERS:
+        return cnn.make_cnn(name, num_classes=num_classes), "segment"
+    if name in cnn.CLASSIFIERS:
+        return cnn.make_cnn(name, num_classes=num_classes), "classify"
+    raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
