@@ -8,7 +8,9 @@ runs with the same seed see the same batches.
 Augmentation as a number (``copies``):
 
 * ``copies = A`` (1, 2, 4, ...): each training digit has ``A`` fixed random rotations; an
-  epoch visits all ``n * A`` (digit, copy) pairs in a fresh random order.
+  epoch is a fresh random order of the ``n * A`` (digit, copy) pairs, cut to whole batches
+  (the last ``(n * A) mod (batch * k)`` items of each order are skipped, a different set
+  each epoch).
 * ``copies = None``: a fresh Haar-random rotation every time a digit is drawn.
 * ``rotate = False`` (NR): single digits stay canonical; ``copies`` is then irrelevant.
 
@@ -50,10 +52,16 @@ class StreamConfig:
 def split_holdout(images: np.ndarray, labels: np.ndarray, holdout: int | float, seed: int):
     """Split a training set into (train, hold-out) by a seeded permutation.
 
-    ``holdout`` is a count or a fraction. Returns ``((images, labels), (images, labels))``.
+    ``holdout`` is a count (an integer) or a fraction in ``[0, 1)`` (a float).
+    Returns ``((images, labels), (images, labels))``.
     """
     n = len(images)
-    h = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if isinstance(holdout, (float, np.floating)):
+        if not 0 <= holdout < 1:
+            raise ValueError(f"a fractional hold-out must lie in [0, 1), got {holdout}")
+        h = int(round(float(holdout) * n))
+    else:
+        h = int(holdout)
     if not 0 <= h < n:
         raise ValueError(f"hold-out size {h} must lie in [0, {n})")
     perm = np.random.default_rng(seed).permutation(n)
@@ -154,20 +162,22 @@ def eval_batches(images, labels, config: StreamConfig, seed: int):
 def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Digit-like test patterns without any dataset: ``uint8 [n, 28, 28]``, labels ``int32 [n]``.
 
-    Class ``c`` is a bar at an angle of ``c * 18`` degrees plus ``c % 3 + 1`` dots, with
-    seeded jitter: learnable, distinct, and available offline for tests and benchmarks.
+    Class ``c`` is ``c % 5 + 1`` blobs on a circle at random angles, inside a ring when
+    ``c >= 5``. Blob count and ring are rotation-invariant features, so the classes are
+    learnable by invariant (S2CNN) and non-invariant (CNN) models alike, offline.
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.int32)
     yy, xx = np.mgrid[0:28, 0:28] - 13.5
+    r = np.hypot(yy, xx)
     out = np.zeros((n, 28, 28), np.float32)
     for i, c in enumerate(labels):
-        ang = np.deg2rad(c * 18 + rng.normal(0, 3))
-        d = np.abs(-np.sin(ang) * xx + np.cos(ang) * yy)
-        along = np.abs(np.cos(ang) * xx + np.sin(ang) * yy)
-        img = np.clip(2.0 - d, 0, 1) * (along < 10)
-        for j in range(c % 3 + 1):
-            cy, cx = -8 + 8 * j + rng.normal(0, 0.5), 8 + rng.normal(0, 0.5)
-            img = np.maximum(img, np.clip(3.0 - np.hypot(yy - cy, xx - cx), 0, 1))
+        img = np.clip(1.5 - np.abs(r - 11.0), 0, 1) if c >= 5 else np.zeros((28, 28))
+        k = c % 5 + 1
+        start = rng.uniform(0, 2 * np.pi)
+        for j in range(k):
+            a = start + 2 * np.pi * j / k + rng.normal(0, 0.1)
+            cy, cx = 6.5 * np.sin(a), 6.5 * np.cos(a)
+            img = np.maximum(img, np.clip(3.2 - np.hypot(yy - cy, xx - cx), 0, 1))
         out[i] = img
     return (out * 255).round().astype(np.uint8), labels
