@@ -198,6 +198,11 @@ SEGMENTERS: dict[str, S2CNNSegmenterConfig] = {
     ),
 }
 
+# Small members of the same families, for CPU runs, tests and the notebook.
+SEGMENTERS["s2cnn_seg_small"] = S2CNNSegmenterConfig(
+    s2_features=8, s2_bandlimit=42, so3_features=(10, 10), so3_bandlimits=(35, 42)
+)
+
 CLASSIFIERS: dict[str, S2CNNClassifierConfig] = {
     # Cohen et al. 2018, spherical MNIST.
     "s2cnn_cls": S2CNNClassifierConfig(),
@@ -210,6 +215,8 @@ CLASSIFIERS: dict[str, S2CNNClassifierConfig] = {
         n_beta=3,
         n_gamma=8,
     ),
+    # A narrow two-layer classifier whose band-limits fit inputs down to L = 6.
+    "s2cnn_cls_small": S2CNNClassifierConfig(features=(8, 16), bandlimits=(6, 4)),
 }
 
 

@@ -1,0 +1,80 @@
+"""Flags shared by classify / segment, turned into a RunConfig and handed to the library."""
+import sys
+
+from absl import flags
+
+from sphere_jax import runner
+
+FLAGS = flags.FLAGS
+
+
+def define(task: str, default_model: str, models: list[str], default_L: int):
+    flags.DEFINE_enum("model", default_model, models, "model to train")
+    flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "digit dataset")
+    flags.DEFINE_enum("source", "tfds", list(runner.SOURCES), "tfds: prepared digits; synthetic: offline test patterns")
+    flags.DEFINE_integer("L", default_L, "band-limit of the spherical grid (2L x 2L-1)")
+    flags.DEFINE_integer("digits_per_image", 1, "digits per spherical image")
+    flags.DEFINE_enum("train_rotation", "none", ["none", "so3"], "rotation of training digits (NR / R)")
+    flags.DEFINE_enum("test_rotation", "so3", ["none", "so3"], "rotation of test digits (NR / R)")
+    flags.DEFINE_string("augmentation", "1", "rotated copies per training digit (1, 2, 4, ...) or 'fresh'")
+    flags.DEFINE_integer("n_train", 2000, "training digits (0: all 60k minus hold-out)")
+    flags.DEFINE_integer("n_holdout", 200, "hold-out digits for model selection / early stopping")
+    flags.DEFINE_integer("n_test", 500, "test digits (0: all 10k)")
+    flags.DEFINE_integer("batch_size", 16, "global batch size (a multiple of the device count)")
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate")
+    flags.DEFINE_integer("steps", 300, "training steps")
+    flags.DEFINE_integer("eval_every", 100, "steps between hold-out evaluations")
+    flags.DEFINE_integer("checkpoint_every", 100, "steps between checkpoints")
+    flags.DEFINE_integer("patience", 0, "stop after this many evaluations without improvement (0: never)")
+    flags.DEFINE_integer("seed", 0, "seed of everything random")
+    flags.DEFINE_string("workdir", f"runs/{task}", "run directory (config, checkpoints, metrics)")
+    flags.DEFINE_string("digits_dir", None, "directory of idx files to use instead of the installed sources")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (default: $SPHERE_JAX_DATA_DIR or ~/tensorflow_datasets)")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: jax.distributed coordinator host:port")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+
+
+def config() -> runner.RunConfig:
+    aug = FLAGS.augmentation
+    if aug == "fresh":
+        copies = None
+    else:
+        try:
+            copies = int(aug)
+        except ValueError:
+            fail(f"--augmentation must be a positive integer or 'fresh', got {aug!r}")
+    return runner.RunConfig(
+        model=FLAGS.model, dataset=FLAGS.dataset, source=FLAGS.source, L=FLAGS.L,
+        digits_per_image=FLAGS.digits_per_image, train_rotate=FLAGS.train_rotation == "so3",
+        test_rotate=FLAGS.test_rotation == "so3", copies=copies, n_train=FLAGS.n_train,
+        n_holdout=FLAGS.n_holdout, n_test=FLAGS.n_test, batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate, steps=FLAGS.steps, eval_every=FLAGS.eval_every,
+        checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience, seed=FLAGS.seed,
+        digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir,
+    )
+
+
+def init_distributed():
+    if FLAGS.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(task: str):
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
+    init_distributed()
+    try:
+        result = runner.fit(config(), FLAGS.workdir)
+    except runner.RunError as e:
+        fail(str(e))
+    print(open(f"{FLAGS.workdir}/summary.md").read())
+    return result
