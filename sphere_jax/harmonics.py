@@ -57,10 +57,14 @@ def wigner_d(L: int, betas) -> np.ndarray:
     betas = np.atleast_1d(np.asarray(betas, dtype=np.float64))
     out = np.zeros((L, 2 * L - 1, 2 * L - 1, betas.size))
     for l in range(L):
+        # d(beta) = Re(V diag(e^{-i beta mu}) V^H) = sum_k Re(P_k) cos(mu_k beta) + Im(P_k) sin(mu_k beta)
+        # with P_k = V_k V_k^H: one real matrix product for all betas.
         mu, V = _jy_eig(l)
-        ph = np.exp(-1j * np.outer(mu, betas))
-        d = np.einsum("ik,kb,jk->ijb", V, ph, V.conj()).real
-        out[l, L - 1 - l : L + l, L - 1 - l : L + l] = d
+        n = 2 * l + 1
+        P = V.T[:, :, None] * V.conj().T[:, None, :]  # [k, i, j]
+        basis = np.concatenate([P.real, P.imag]).reshape(2 * n, n * n)
+        trig = np.concatenate([np.cos(np.outer(mu, betas)), np.sin(np.outer(mu, betas))])
+        out[l, L - 1 - l : L + l, L - 1 - l : L + l] = (basis.T @ trig).reshape(n, n, -1)
     return out
 
 

@@ -200,3 +200,36 @@ def plot_samples(images, masks, path, labels=None, view=None, globe_mask: bool =
     fig.suptitle(f"{B} spherical samples, dh grid L={L} ({2 * L} x {2 * L - 1})", fontsize=10)
     fig.savefig(os.fspath(path), dpi=100)
     return path
+
+
+def plot_predictions(images, targets, preds, path, title: str = ""):
+    """Write a PNG with one row per sample: image, target mask, predicted mask (equirectangular).
+
+    Args:
+      images: float ``[B, 2L, 2L - 1]`` or ``[B, 2L, 2L - 1, 1]``; targets, preds: int ``[B, 2L, 2L - 1]``.
+      path: output PNG. title: figure title.
+    """
+    images = np.asarray(images, np.float64)
+    if images.ndim == 4:
+        images = images[..., 0]
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    if not (images.shape == targets.shape == preds.shape):
+        raise ValueError(f"shapes differ: images {images.shape}, targets {targets.shape}, preds {preds.shape}")
+    cmap_mask, norm_mask = mask_colormap()
+    B = len(images)
+    fig = Figure(figsize=(9.6, 2.6 * B + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.array(fig.subplots(B, 3, squeeze=False))
+    extent = (0.0, 360.0, 180.0, 0.0)
+    for i in range(B):
+        axes[i, 0].imshow(images[i], cmap="gray", vmin=0.0, vmax=1.0, extent=extent, aspect="auto", interpolation="nearest")
+        axes[i, 1].imshow(targets[i], cmap=cmap_mask, norm=norm_mask, extent=extent, aspect="auto", interpolation="nearest")
+        axes[i, 2].imshow(preds[i], cmap=cmap_mask, norm=norm_mask, extent=extent, aspect="auto", interpolation="nearest")
+        acc = float((targets[i] == preds[i]).mean())
+        for j, name in enumerate(("image", "target", f"prediction (pixel acc {acc:.2f})")):
+            axes[i, j].set_title(name, fontsize=9)
+            axes[i, j].set_xticks([0, 180, 360])
+            axes[i, j].set_yticks([0, 90, 180])
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(os.fspath(path), dpi=100)
+    return path

@@ -317,8 +317,18 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
     params, which, step = restore_params(workdir, mesh=mesh, _model_task=(model, task), _tables=tables)
     test_cfg = pipeline.StreamConfig(L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
                                      rotate=cfg.test_rotate)
-    m = evaluate_params(train.make_predict(model), task, params, tables, _data[0], _data[1], test_cfg, cfg.seed + 2)
+    predict = train.make_predict(model)
+    m = evaluate_params(predict, task, params, tables, _data[0], _data[1], test_cfg, cfg.seed + 2)
     rec = {"test": m, "checkpoint": which, "checkpoint_step": int(step), "test_rotate": cfg.test_rotate}
+    if task == "segment":
+        x, _, mask = next(iter(pipeline.eval_batches(_data[0][:4], _data[1][:4], test_cfg, cfg.seed + 2)))
+        pred = metrics.logits_to_pred(predict(params, tables, x))
+        from sphere_jax import plotting
+
+        rot = "rotated" if cfg.test_rotate else "canonical"
+        rec["figure"] = plotting.plot_predictions(
+            x, mask, pred, os.path.join(workdir, "predictions.png"), title=f"{cfg.model}, {rot} test digits"
+        )
     _append_jsonl(workdir, rec)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(summarise(cfg, task, rec))
