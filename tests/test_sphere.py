@@ -450,3 +450,19 @@ def test_overlap_later_digit_wins():
     assert np.array_equal(m2, np.where(m1 > 0, 8, 0))
     _, m3 = _scenes(images, np.array([[7, 2]]), rots, 20)
     assert np.array_equal(m3, np.where(m1 > 0, 3, 0))
+
+
+def test_from_equirectangular_resamples_a_smooth_field():
+    """Bring-your-own images: a smooth field on a 1-degree equirectangular grid lands on the
+    dh grid with bilinear error < 1e-3 (measured 1.5e-4), periodic in longitude."""
+    H, W = 180, 360
+    th = np.pi * (np.arange(H) + 0.5) / H
+    ph = 2 * np.pi * (np.arange(W) + 0.5) / W
+    f = lambda t, p: np.cos(t) + np.sin(t) ** 2 * np.cos(2 * p)
+    img = np.stack([f(th[:, None], ph[None, :])] * 2)
+    out = np.asarray(sphere.from_equirectangular(img, 10))
+    assert out.shape == (2, 20, 19, 1)
+    ref = f(grids.thetas(10)[:, None], grids.phis(10)[None, :])
+    assert np.abs(out[0, ..., 0] - ref).max() < 1e-3
+    with pytest.raises(ValueError, match="batch, H, W"):
+        sphere.from_equirectangular(np.zeros((4, 4)), 4)

@@ -181,3 +181,36 @@ def scene_rotations(key: jax.Array, batch: int, digits: int, rotate: bool) -> ja
     if digits == 1 and not rotate:
         return rotations.identity_rotations((batch, 1))
     return rotations.random_rotations(key, (batch, digits))
+
+
+def from_equirectangular(images: jax.Array, L: int) -> jax.Array:
+    """Resample equirectangular images onto the dh grid (bring your own spherical images).
+
+    Args:
+      images: float ``[B, H, W]`` or ``[B, H, W, C]``; row ``i`` is colatitude
+        ``pi (i + 0.5) / H`` (north pole at the top), column ``j`` longitude ``2 pi (j + 0.5) / W``.
+      L: band-limit of the target grid.
+
+    Returns:
+      float32 ``[B, 2L, 2L - 1, C]`` (``C = 1`` for 3-D input), bilinear in both angles,
+      periodic in longitude, clamped at the poles.
+    """
+    x = jnp.asarray(images, jnp.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be [batch, H, W] or [batch, H, W, C], got {x.shape}")
+    H, W = x.shape[1:3]
+    v = jnp.asarray(grids.thetas(L), jnp.float32) / np.pi * H - 0.5  # continuous row
+    u = jnp.asarray(grids.phis(L), jnp.float32) / (2 * np.pi) * W - 0.5  # continuous column
+    v = jnp.clip(v, 0.0, H - 1.0)
+    v0 = jnp.clip(jnp.floor(v).astype(jnp.int32), 0, H - 2 if H > 1 else 0)
+    fv = (v - v0)[None, :, None, None]
+    u0 = jnp.floor(u).astype(jnp.int32)
+    fu = (u - u0)[None, None, :, None]
+    u0m, u1m = u0 % W, (u0 + 1) % W
+    v1 = jnp.minimum(v0 + 1, H - 1)
+    rows0, rows1 = x[:, v0], x[:, v1]
+    top = rows0[:, :, u0m] * (1 - fu) + rows0[:, :, u1m] * fu
+    bot = rows1[:, :, u0m] * (1 - fu) + rows1[:, :, u1m] * fu
+    return top * (1 - fv) + bot * fv
