@@ -1,6 +1,10 @@
 """Benchmark the study's models: python -m experiments.benchmark [--reduced] [--out=DIR].
 
-Writes DIR/benchmark.json and DIR/benchmark.md. --reduced uses small band-limits for CPU.
+Writes DIR/benchmark.json (one row per model), DIR/benchmark.md (a table) and
+DIR/latency_vs_batch.png (inference latency against batch size). Without --reduced (or with
+--full): the study's band-limits (50 segmentation, 30 classification) and inference batches
+1..64, meant for a GPU; --reduced: small band-limits (12 / 10, raised to what a model needs)
+and batches 1, 4, 16 for a CPU. Every model is measured in its own subprocess (peak RSS).
 """
 import json
 import os
@@ -10,33 +14,64 @@ from absl import app, flags
 from sphere_jax import benchmark
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("reduced", False, "small band-limits (CPU smoke run) instead of the study's 30 / 50")
-flags.DEFINE_list("models", ["s2cnn_cls", "s2cnn_204k", "cnn_cls_68k", "cnn_218k", "cnn_5_5m"], "models to measure")
-flags.DEFINE_list("infer_batches", ["1", "8", "32"], "batch sizes for inference latency")
+FULL_MODELS = ["s2cnn_cls", "s2cnn_cls_deep", "s2cnn_204k", "cnn_cls_68k", "cnn_cls_250k", "cnn_cls_500k",
+               "cnn_cls_1m", "cnn_cls_4m", "cnn_218k", "cnn_1m", "cnn_5_5m"]
+# s2cnn_cls_deep needs L >= 30: left out of the CPU default.
+REDUCED_MODELS = [m for m in FULL_MODELS if m != "s2cnn_cls_deep"]
+FULL_BATCHES = [1, 2, 4, 8, 16, 32, 64]
+REDUCED_BATCHES = [1, 4, 16]
+
+flags.DEFINE_bool("reduced", False, "small band-limits and batches (CPU run) instead of the study's sizes")
+flags.DEFINE_bool("full", False, "the study's sizes (the default; an error together with --reduced)")
+flags.DEFINE_list("models", None, f"models to measure (default: {','.join(FULL_MODELS)}; without s2cnn_cls_deep when --reduced)")
+flags.DEFINE_list("infer_batches", None, f"inference batch sizes (default {FULL_BATCHES}; --reduced: {REDUCED_BATCHES})")
+flags.DEFINE_integer("L", None, "band-limit for every model (default: per model, see sphere_jax.benchmark.study_L)")
 flags.DEFINE_integer("train_batch", 32, "batch size of the measured training step (0: skip)")
-flags.DEFINE_integer("seg_train_batch", 1, "training batch for segmenters (the reference was timed at 1)")
+flags.DEFINE_integer("seg_train_batch", 1, "training batch for S2CNN segmenters (the reference was timed at 1)")
 flags.DEFINE_integer("repeats", 3, "timed repetitions after warm-up (median)")
+flags.DEFINE_list("roofline_models", None, "models that also measure the transform roofline (default: S2CNN classifiers)")
+flags.DEFINE_integer("timeout", 1800, "seconds per model before it is reported as an error")
 flags.DEFINE_string("out", "benchmark_results", "output directory")
 
 
+def cases():
+    from sphere_jax.models import s2cnn
+
+    if FLAGS.reduced and FLAGS.full:
+        raise app.UsageError("--reduced and --full exclude each other")
+    models = FLAGS.models or (REDUCED_MODELS if FLAGS.reduced else FULL_MODELS)
+    batches = [int(b) for b in FLAGS.infer_batches] if FLAGS.infer_batches else (
+        REDUCED_BATCHES if FLAGS.reduced else FULL_BATCHES)
+    roof = FLAGS.roofline_models if FLAGS.roofline_models is not None else sorted(s2cnn.CLASSIFIERS)
+    out = []
+    for name in models:
+        try:
+            benchmark.model_task(name)
+        except ValueError as e:
+            raise app.UsageError(str(e))
+        L = FLAGS.L or benchmark.study_L(name, reduced=FLAGS.reduced)
+        out.append(dict(
+            model=name, L=L, infer_batches=batches,
+            train_batch=FLAGS.seg_train_batch if name in s2cnn.SEGMENTERS else FLAGS.train_batch,
+            repeats=FLAGS.repeats, roofline=name in roof,
+        ))
+    return out
+
+
 def main(_):
+    todo = cases()
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []
-    for name in FLAGS.models:
-        seg = name.startswith("s2cnn_2") or name in ("cnn_218k", "cnn_1m", "cnn_5_5m")
-        L = (12 if seg else 10) if FLAGS.reduced else (50 if seg else 30)
-        case = dict(
-            model=name, L=L, infer_batches=[int(b) for b in FLAGS.infer_batches],
-            train_batch=FLAGS.seg_train_batch if name.startswith("s2cnn_2") else FLAGS.train_batch,
-            repeats=FLAGS.repeats, roofline=(name == "s2cnn_cls"),
-        )
-        rows.append(benchmark.run_in_subprocess(case))
+    for case in todo:
+        rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(FLAGS.out, "benchmark.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(FLAGS.out, "benchmark.md"), "w") as f:
         f.write(benchmark.markdown_table(rows))
+    png = benchmark.plot_latency(rows, os.path.join(FLAGS.out, "latency_vs_batch.png"))
     print(benchmark.markdown_table(rows))
+    print(f"wrote {FLAGS.out}/benchmark.json, benchmark.md, {os.path.basename(png)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Each case runs in a fresh subprocess (``python -m sphere_jax.benchmark CASE_JSON``) so that
 its peak RSS and first-use time are its own. Times are medians after one warm-up call;
 compare numbers only within one run (the machines are noisy).
+
+Per model (one JSON row): ``params``, ``tables_s`` / ``first_use_s`` (tables + init + first
+batch-1 call), ``compile_s`` and ``infer_s`` per inference batch size, ``train_compile_s`` /
+``train_step_s`` at ``train_batch``, ``peak_rss_gb``. With ``roofline`` (S2CNN classifiers by
+default): the measured dense matmul rate ``matmul_gflops``, the S2 and SO(3) transforms'
+rates ``s2_*_gflops`` / ``so3_*_gflops`` and ``roofline_fraction`` = transform rate / matmul rate.
 """
 from __future__ import annotations
 
@@ -33,6 +39,41 @@ def _matmul_gflops(jax, jnp):
     f(a).block_until_ready()
     t = _median_time(lambda: f(a).block_until_ready(), 5)
     return 2 * n**3 / t / 1e9
+
+
+def model_task(name: str) -> str:
+    """"classify" or "segment" for a model name (without building it)."""
+    from sphere_jax.models import cnn, s2cnn
+
+    if name in s2cnn.SEGMENTERS or name in cnn.SEGMENTERS:
+        return "segment"
+    if name in s2cnn.CLASSIFIERS or name in cnn.CLASSIFIERS:
+        return "classify"
+    from sphere_jax.models import registry
+
+    raise ValueError(f"unknown model {name!r}; choose one of {registry.model_names()}")
+
+
+def min_L(name: str) -> int:
+    """Smallest input band-limit a model accepts (grid ``2L x (2L-1)``)."""
+    from sphere_jax.models import cnn, s2cnn
+
+    if name in s2cnn.CLASSIFIERS:
+        return int(s2cnn.CLASSIFIERS[name].bandlimits[0])
+    for table in (cnn.SEGMENTERS, cnn.CLASSIFIERS):
+        if name in table:
+            m = cnn.min_input_size(table[name].kernels, table[name].strides)
+            return (m + 2) // 2  # 2L - 1 >= m
+    return 1
+
+
+def study_L(name: str, reduced: bool = False) -> int:
+    """The band-limit a model is benchmarked at: the study's 50 (segmentation) / 30 (classification),
+    or with ``reduced`` 12 / 10 raised to the model's minimum."""
+    seg = model_task(name) == "segment"
+    if not reduced:
+        return max(50 if seg else 30, min_L(name))
+    return max(12 if seg else 10, min_L(name))
 
 
 def run_case(case: dict) -> dict:
@@ -97,6 +138,10 @@ def run_case(case: dict) -> dict:
     if case.get("roofline"):
         out["matmul_gflops"] = round(_matmul_gflops(jax, jnp), 1)
         out.update(_transform_rates(case["L"], jax, jnp, hm))
+        out.update(_s2_rates(case["L"], jax, jnp, hm))
+        out["roofline_fraction"] = {
+            k: round(out[f"{k}_gflops"] / out["matmul_gflops"], 4) for k in ("s2_fwd", "s2_inv", "so3_fwd", "so3_inv")
+        }
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
     return out
 
@@ -118,29 +163,98 @@ def _transform_rates(L, jax, jnp, hm):
     return {"so3_fwd_s": tf, "so3_inv_s": ti, "so3_fwd_gflops": round(flops / tf / 1e9, 2), "so3_inv_gflops": round(flops / ti / 1e9, 2)}
 
 
+def _s2_rates(L, jax, jnp, hm, B=16, C=16):
+    """S2 transform throughput at band-limit ``L`` (batch 16, 16 channels) as GFLOP/s of its contraction."""
+    fwd = jnp.asarray(hm.s2_table(L, True))
+    inv = jnp.asarray(hm.s2_table(L, False))
+    x = jnp.ones((B, 2 * L, 2 * L - 1, C), jnp.float32)
+    f = jax.jit(lambda x: hm.s2_forward_half(x, fwd))
+    g = jax.jit(lambda c: hm.s2_inverse_half(c, inv))
+    c = f(x)
+    g(c).block_until_ready()
+    tf = _median_time(lambda: f(x).block_until_ready(), 3)
+    ti = _median_time(lambda: g(c).block_until_ready(), 3)
+    # complex x real contraction over theta (resp. l): B*2L*L*L*C complex MACs
+    flops = 4 * B * 2 * L * L * L * C
+    return {"s2_fwd_s": tf, "s2_inv_s": ti, "s2_fwd_gflops": round(flops / tf / 1e9, 2), "s2_inv_gflops": round(flops / ti / 1e9, 2)}
+
+
 def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sphere_jax.benchmark", json.dumps(case)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sphere_jax.benchmark", json.dumps(case)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"model": case["model"], "L": case["L"], "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": case["model"], "L": case["L"], "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(lines[-1])
 
 
+def _fmt_s(v: float) -> str:
+    return f"{v:.3f}" if v >= 0.01 else f"{v:.2g}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = "| model | L | params | first use s | infer s (batch) | train step s (batch) | peak RSS GB | device |\n|---|---|---|---|---|---|---|---|\n"
+    """One table row per benchmark row (one per model unless a model was measured twice)."""
+    head = ("| model | L | params | first use s | infer s (batch) | train step s (batch) | peak RSS GB | "
+            "transform / matmul rate | device |\n|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
         if "error" in r:
-            body += f"| {r['model']} | {r['L']} | error: {r['error']} | | | | | |\n"
+            body += f"| {r['model']} | {r['L']} | error: {r['error']} | | | | | | |\n"
             continue
-        inf = ", ".join(f"{v:.3f} ({b})" for b, v in r["infer_s"].items())
-        tr = f"{r['train_step_s']:.3f} ({r['train_batch']})" if "train_step_s" in r else "-"
-        body += f"| {r['model']} | {r['L']} | {r['params']:,} | {r['first_use_s']} | {inf} | {tr} | {r['peak_rss_gb']} | {r['device']} |\n"
+        inf = ", ".join(f"{_fmt_s(v)} ({b})" for b, v in r["infer_s"].items())
+        tr = f"{_fmt_s(r['train_step_s'])} ({r['train_batch']})" if "train_step_s" in r else "-"
+        roof = "-"
+        if "roofline_fraction" in r:
+            roof = ", ".join(f"{k} {v:.3f}" for k, v in r["roofline_fraction"].items()) + f" of {r['matmul_gflops']} GFLOP/s"
+        body += (f"| {r['model']} | {r['L']} | {r['params']:,} | {r['first_use_s']} | {inf} | {tr} | {r['peak_rss_gb']} | "
+                 f"{roof} | {r['device']} |\n")
     return head + body
+
+
+def plot_latency(rows: list[dict], path: str) -> str:
+    """PNG of inference latency against batch size (left) and per image (right), one curve per model.
+
+    Rows of the same model and band-limit (measured in several cases) are merged.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves: dict = {}
+    device = "?"
+    for r in rows:
+        if "error" in r or not r.get("infer_s"):
+            continue
+        device = r.get("device", device)
+        curves.setdefault((r["model"], r["L"], r.get("params")), {}).update({int(b): float(v) for b, v in r["infer_s"].items()})
+    fig = Figure(figsize=(11.0, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    for (model, L, params), pts in curves.items():
+        b = sorted(pts)
+        t = [pts[k] for k in b]
+        style = dict(marker="*" if model.startswith("s2cnn") else "o", ls="-" if model.startswith("s2cnn") else "--")
+        label = f"{model} (L={L}, {params:,} params)" if params else f"{model} (L={L})"
+        ax1.plot(b, t, label=label, **style)
+        ax2.plot(b, [ti / bi for ti, bi in zip(t, b)], label=label, **style)
+    ticks = sorted({b for pts in curves.values() for b in pts})
+    for ax, ylabel in ((ax1, "latency per batch (s)"), (ax2, "latency per image (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(b) for b in ticks])
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set_xlabel("inference batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=7)
+    fig.suptitle(f"inference latency vs batch size ({device})", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":

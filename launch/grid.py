@@ -1,0 +1,269 @@
+"""The study's grid of runs as data.
+
+A grid is a list of :class:`Block` s; a block is a product of axes
+
+    (dataset, digits per image) x model x augmentation level x seed
+
+at one task, one train/test rotation mode and one set of :class:`~sphere_jax.runner.RunConfig`
+overrides (band-limit, steps, ...). :func:`expand` turns a grid into an ordered list of
+:class:`Run` s, each with its ``RunConfig``, a deterministic workdir name under the sweep root
+and the command that trains it (``python -m experiments.classify|segment`` with flags).
+
+Augmentation levels are ``1, 2, 4, ...`` (rotated copies per training digit) or ``"fresh"``
+(a new Haar rotation at every draw). Runs trained on canonical digits (NR) have no augmentation
+(level 1). Workdir names::
+
+    <task>/<dataset>-d<digits>-L<L>/<model>/<TRAIN>-<TEST>-aug<level>-seed<seed>
+
+e.g. ``segment/mnist-d1-L12/cnn_218k/R-R-aug4-seed0``. Other settings (steps, learning rate,
+...) are not part of the name: a workdir whose ``config.json`` differs from the grid's run is a
+conflict, which :mod:`launch.run_grid` reports instead of overwriting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Iterable, Sequence
+
+from launch.labels import GridError, aug_label, aug_sort_key, parse_aug  # noqa: F401 (re-exported)
+from sphere_jax.runner import RunConfig
+
+TASKS = ("classify", "segment")
+ROTATIONS = ("NR", "R")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One product of axes at one task and rotation mode.
+
+    Attributes:
+      task: "classify" or "segment".
+      models: model names (see :func:`sphere_jax.models.registry.model_names`).
+      augmentations: levels (1, 2, 4, ... or "fresh"); must be ``(1,)`` when ``train`` is "NR".
+      train, test: rotation of training / test digits, "NR" (canonical) or "R" (Haar random).
+      data: ``(dataset, digits_per_image)`` pairs.
+      seeds: seeds.
+      overrides: other ``RunConfig`` fields as ``((name, value), ...)`` (hashable).
+    """
+
+    task: str
+    models: tuple[str, ...]
+    augmentations: tuple = (1,)
+    train: str = "R"
+    test: str = "R"
+    data: tuple[tuple[str, int], ...] = (("mnist", 1),)
+    seeds: tuple[int, ...] = (0,)
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def with_overrides(self, **kw) -> "Block":
+        merged = dict(self.overrides)
+        merged.update(kw)
+        return dataclasses.replace(self, overrides=tuple(sorted(merged.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a grid: its position, workdir name, task and configuration."""
+
+    index: int
+    name: str
+    task: str
+    config: RunConfig
+
+    @property
+    def augmentation(self) -> str:
+        return aug_label(self.config.copies) if self.config.train_rotate else "1"
+
+    def workdir(self, root: str) -> str:
+        return os.path.join(root, self.name)
+
+    def argv(self, root: str, python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+        """The command that trains (or resumes) this run: ``python -m experiments.<task> ...``."""
+        return [python or sys.executable, "-m", f"experiments.{self.task}"] + config_flags(self.config) + [
+            f"--workdir={self.workdir(root)}"
+        ] + list(extra)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "name": self.name, "task": self.task, "config": dataclasses.asdict(self.config)}
+
+
+def config_flags(cfg: RunConfig) -> list[str]:
+    """Flags of ``experiments/common.py`` that reproduce ``cfg`` exactly (workdir excluded)."""
+    flags = [
+        f"--model={cfg.model}", f"--dataset={cfg.dataset}", f"--source={cfg.source}", f"--L={cfg.L}",
+        f"--digits_per_image={cfg.digits_per_image}",
+        f"--train_rotation={'so3' if cfg.train_rotate else 'none'}",
+        f"--test_rotation={'so3' if cfg.test_rotate else 'none'}",
+        f"--augmentation={aug_label(cfg.copies)}",
+        f"--n_train={cfg.n_train}", f"--n_holdout={cfg.n_holdout}", f"--n_test={cfg.n_test}",
+        f"--batch_size={cfg.batch_size}", f"--learning_rate={cfg.learning_rate!r}", f"--steps={cfg.steps}",
+        f"--eval_every={cfg.eval_every}", f"--checkpoint_every={cfg.checkpoint_every}",
+        f"--patience={cfg.patience}", f"--seed={cfg.seed}",
+    ]
+    if cfg.digits_dir is not None:
+        flags.append(f"--digits_dir={cfg.digits_dir}")
+    if cfg.data_dir is not None:
+        flags.append(f"--data_dir={cfg.data_dir}")
+    return flags
+
+
+def run_name(task: str, cfg: RunConfig) -> str:
+    train = "R" if cfg.train_rotate else "NR"
+    test = "R" if cfg.test_rotate else "NR"
+    aug = aug_label(cfg.copies) if cfg.train_rotate else "1"
+    return "/".join([
+        task, f"{cfg.dataset}-d{cfg.digits_per_image}-L{cfg.L}", cfg.model,
+        f"{train}-{test}-aug{aug}-seed{cfg.seed}",
+    ])
+
+
+def _task_of(model: str) -> str | None:
+    from sphere_jax.models import cnn, s2cnn
+
+    if model in s2cnn.SEGMENTERS or model in cnn.SEGMENTERS:
+        return "segment"
+    if model in s2cnn.CLASSIFIERS or model in cnn.CLASSIFIERS:
+        return "classify"
+    return None
+
+
+def expand(blocks: Iterable[Block], base: RunConfig | None = None) -> list[Run]:
+    """All runs of a grid, in block order, then (dataset, digits), model, augmentation, seed.
+
+    Raises :class:`GridError` for unknown tasks / models / rotations, a model of the wrong task,
+    augmentation of NR training, or two runs with the same workdir name.
+    """
+    base = base or RunConfig()
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    runs: list[Run] = []
+    seen: dict[str, int] = {}
+    for block in blocks:
+        if block.task not in TASKS:
+            raise GridError(f"unknown task {block.task!r}; choose one of {TASKS}")
+        if block.train not in ROTATIONS or block.test not in ROTATIONS:
+            raise GridError(f"rotations must be NR or R, got {block.train!r} -> {block.test!r}")
+        augs = [parse_aug(a) for a in block.augmentations]
+        if block.train == "NR" and augs != [1]:
+            raise GridError(f"{block.models}: runs trained on canonical digits (NR) take no augmentation, got {block.augmentations}")
+        over = dict(block.overrides)
+        bad = sorted(set(over) - fields)
+        if bad:
+            raise GridError(f"unknown RunConfig fields in overrides: {bad}")
+        for model in block.models:
+            t = _task_of(model)
+            if t is None:
+                from sphere_jax.models import registry
+
+                raise GridError(f"unknown model {model!r}; choose one of {registry.model_names()}")
+            if t != block.task:
+                raise GridError(f"model {model!r} is a {t} model, not {block.task}")
+        for dataset, digits in block.data:
+            for model in block.models:
+                for copies in augs:
+                    for seed in block.seeds:
+                        cfg = dataclasses.replace(
+                            base, **over, model=model, dataset=dataset, digits_per_image=int(digits),
+                            train_rotate=block.train == "R", test_rotate=block.test == "R",
+                            copies=copies, seed=int(seed),
+                        )
+                        name = run_name(block.task, cfg)
+                        if name in seen:
+                            raise GridError(f"two runs share the workdir {name!r} (runs {seen[name]} and {len(runs)})")
+                        seen[name] = len(runs)
+                        runs.append(Run(len(runs), name, block.task, cfg))
+    return runs
+
+
+# --------------------------------------------------------------------------- named grids
+
+AUG_LEVELS = (1, 2, 4, 8, 16, "fresh")
+
+# The study's settings (SPEC.md): bandwidth 50 segmentation, Adam 1e-3, batch 32, early stopping
+# on a hold-out set; bandwidth 30 classification, Adam 5e-3 (Cohen 2018). Steps are a budget
+# shared by every augmentation level; early stopping ends a run sooner.
+_SEG_FULL = dict(source="tfds", L=50, n_train=0, n_holdout=2000, n_test=0, batch_size=32, learning_rate=1e-3,
+                 steps=60_000, eval_every=1000, checkpoint_every=1000, patience=10)
+_CLS_FULL = dict(source="tfds", L=30, n_train=0, n_holdout=2000, n_test=0, batch_size=32, learning_rate=5e-3,
+                 steps=40_000, eval_every=1000, checkpoint_every=1000, patience=10)
+_CLS_FULL_CNN = dict(_CLS_FULL, learning_rate=1e-3)  # 5e-3 leaves the global-pooling family at chance (CPU runs)
+_SEG_DATA = (("mnist", 1), ("mnist", 3), ("fashion_mnist", 3))
+
+
+def paper_segmentation() -> list[Block]:
+    """S2CNN segmenter trained NR tested R; CNN-218k / 1M / 5.5M trained R with growing augmentation."""
+    return [
+        Block("segment", ("s2cnn_204k",), (1,), "NR", "R", _SEG_DATA).with_overrides(**_SEG_FULL),
+        Block("segment", ("cnn_218k", "cnn_1m", "cnn_5_5m"), AUG_LEVELS, "R", "R", _SEG_DATA).with_overrides(**_SEG_FULL),
+    ]
+
+
+def paper_classification() -> list[Block]:
+    """S2CNN classifiers trained NR (and R) tested R; the CNN classifier family trained R with growing
+    augmentation; the 68k planar baseline in the published NR/NR and NR/R modes."""
+    data = (("mnist", 1),)
+    return [
+        Block("classify", ("s2cnn_cls", "s2cnn_cls_deep"), (1,), "NR", "R", data).with_overrides(**_CLS_FULL),
+        Block("classify", ("s2cnn_cls", "s2cnn_cls_deep"), ("fresh",), "R", "R", data).with_overrides(**_CLS_FULL),
+        Block("classify", ("cnn_cls_68k", "cnn_cls_250k", "cnn_cls_500k", "cnn_cls_1m", "cnn_cls_4m"), AUG_LEVELS,
+              "R", "R", data).with_overrides(**_CLS_FULL_CNN),
+        Block("classify", ("cnn_cls_68k",), (1,), "NR", "NR", data).with_overrides(**_CLS_FULL_CNN),
+        Block("classify", ("cnn_cls_68k",), (1,), "NR", "R", data).with_overrides(**_CLS_FULL_CNN),
+    ]
+
+
+# CPU reproduction (2 shared cores, about 20 minutes): small band-limits, MNIST subsets, short
+# runs. Classification at L=15 so that the global-pooling CNN family (input >= 29x29) fits; the
+# CNN classifiers get more steps than the S2CNN because one of their steps costs ~1/50 of an
+# S2CNN step (their runs still take less wall time). Learning rates: S2CNN classifier 5e-3
+# (Cohen 2018); CNN classifiers 1e-3 (at 5e-3 the global-pooling CNN-250k never left chance,
+# loss stuck at ln 10). Segmentation at L=12, equal steps for both families, Adam 5e-3 (1e-3
+# hardly leaves the all-background solution in a few hundred steps).
+_CLS_CPU = dict(source="tfds", L=15, n_train=2000, n_holdout=200, n_test=500, batch_size=16,
+                learning_rate=5e-3, steps=400, eval_every=100, checkpoint_every=100, patience=0)
+_CLS_CPU_CNN = dict(_CLS_CPU, learning_rate=1e-3, steps=1500, eval_every=250, checkpoint_every=250)
+_SEG_CPU = dict(source="tfds", L=12, n_train=2000, n_holdout=100, n_test=200, batch_size=16,
+                learning_rate=5e-3, steps=400, eval_every=100, checkpoint_every=100, patience=0)
+
+
+def reduced_cpu() -> list[Block]:
+    """Both claims at CPU scale: S2CNN classifier NR->R vs CNN classifiers (68k, 250k) R->R at 1, 4,
+    fresh copies; S2CNN segmenter NR->R vs CNN-218k R->R at 1, 4, fresh copies (MNIST, one digit)."""
+    data = (("mnist", 1),)
+    return [
+        Block("classify", ("s2cnn_cls",), (1,), "NR", "R", data).with_overrides(**_CLS_CPU),
+        Block("classify", ("cnn_cls_68k", "cnn_cls_250k"), (1, 4, "fresh"), "R", "R", data).with_overrides(**_CLS_CPU_CNN),
+        Block("segment", ("s2cnn_204k",), (1,), "NR", "R", data).with_overrides(**_SEG_CPU),
+        Block("segment", ("cnn_218k",), (1, 4, "fresh"), "R", "R", data).with_overrides(**_SEG_CPU),
+    ]
+
+
+GRIDS = {
+    "paper_segmentation": paper_segmentation,
+    "paper_classification": paper_classification,
+    "reduced_cpu": reduced_cpu,
+}
+
+
+def grid_names() -> list[str]:
+    return sorted(GRIDS)
+
+
+def get_grid(name: str) -> list[Run]:
+    """The runs of a named grid."""
+    if name not in GRIDS:
+        raise GridError(f"unknown grid {name!r}; choose one of {grid_names()}")
+    return expand(GRIDS[name]())
+
+
+def write_manifest(runs: Sequence[Run], root: str, grid: str) -> str:
+    """``ROOT/grid_<name>.json``: every run's index, workdir name, task and config."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f"grid_{grid}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"grid": grid, "runs": [r.to_json() for r in runs]}, f, indent=1)
+    os.replace(tmp, path)
+    return path

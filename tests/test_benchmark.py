@@ -1,0 +1,76 @@
+"""The benchmark command at a tiny size writes well-formed JSON, markdown and a latency plot."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from sphere_jax import benchmark, harmonics
+from sphere_jax.models import registry
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+MODELS = ["s2cnn_cls_small", "cnn_cls_68k"]
+
+
+def _count(name, L):
+    model, _ = registry.make_model(name, L_in=L)
+    tables = harmonics.build_tables(model.table_specs())
+    x = jnp.zeros((1, 2 * L, 2 * L - 1, 1))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, tables)["params"]
+    return sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes))
+
+
+def test_benchmark_reduced(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--reduced", f"--models={','.join(MODELS)}",
+         "--infer_batches=1,2", "--repeats=1", f"--out={out}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.load(open(out / "benchmark.json"))
+    assert [r["model"] for r in rows] == MODELS
+    for r in rows:
+        assert "error" not in r, r
+        assert r["L"] == benchmark.study_L(r["model"], reduced=True) == 10
+        assert r["params"] == _count(r["model"], r["L"])
+        assert r["task"] == "classify" and r["device"]
+        assert sorted(r["infer_s"]) == ["1", "2"] and all(v > 0 for v in r["infer_s"].values())
+        assert sorted(r["compile_s"]) == ["1", "2"]
+        for k in ("tables_s", "first_use_s", "train_compile_s", "train_step_s", "peak_rss_gb"):
+            assert r[k] > 0 or (k == "tables_s" and r[k] >= 0), (k, r[k])
+        assert r["train_batch"] == 32
+    s2 = rows[0]
+    for k in ("matmul_gflops", "so3_fwd_gflops", "so3_inv_gflops", "s2_fwd_gflops", "s2_inv_gflops"):
+        assert s2[k] > 0
+    frac = s2["roofline_fraction"]
+    assert sorted(frac) == ["s2_fwd", "s2_inv", "so3_fwd", "so3_inv"]
+    assert abs(frac["so3_fwd"] - s2["so3_fwd_gflops"] / s2["matmul_gflops"]) < 1e-3
+    assert "roofline_fraction" not in rows[1]
+    md = (out / "benchmark.md").read_text().strip().splitlines()
+    assert md[0].startswith("| model | L | params |") and md[1].startswith("|---")
+    body = md[2:]
+    assert len(body) == len(MODELS)
+    for line, r in zip(body, rows):
+        assert line.startswith(f"| {r['model']} | 10 | {r['params']:,} |")
+    png = (out / "latency_vs_batch.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_study_band_limits():
+    assert benchmark.study_L("s2cnn_204k") == 50 and benchmark.study_L("cnn_cls_4m") == 30
+    assert benchmark.study_L("s2cnn_cls_deep", reduced=True) == 30  # its first layer needs L >= 30
+    assert benchmark.study_L("cnn_cls_250k", reduced=True) == 15  # the global-pool family needs 29x29
+    assert benchmark.study_L("cnn_218k", reduced=True) == 12
+
+
+def test_markdown_and_plot_of_saved_rows(tmp_path):
+    """The table and the plot of the committed GPU results (two rows of one model are merged)."""
+    rows = json.load(open(os.path.join(ROOT, "results", "gpu_benchmark.json")))
+    md = benchmark.markdown_table(rows)
+    assert md.count("\n") == 2 + len(rows)
+    path = benchmark.plot_latency(rows, str(tmp_path / "lat.png"))
+    assert open(path, "rb").read(4) == b"\x89PNG"

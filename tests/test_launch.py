@@ -1,0 +1,417 @@
+"""The sweep launcher: grid expansion, skip / resume, SLURM scripts, aggregation (no training)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import aggregate, grid, run_grid, slurm
+from sphere_jax.runner import RunConfig
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+
+
+# --------------------------------------------------------------------------- helpers
+
+SEG_METRICS = dict(pixel_accuracy=0.9, per_class_iou=[0.9] + [0.1] * 10, miou=0.2, miou_digits=0.1,
+                   area_miou=0.21, area_miou_digits=0.11, n=10)
+
+
+def fake_workdir(workdir, cfg: RunConfig, score: float | None, task: str, seconds: float = 10.0, steps: int = 100):
+    """A run's workdir as the runner leaves it: config.json, training records, and (if ``score`` is
+    not None) a final test record with that accuracy / mIoU."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1, sort_keys=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        hold = {"accuracy": 0.5, "n": 10} if task == "classify" else dict(SEG_METRICS)
+        f.write(json.dumps({"step": steps, "epoch": 0, "train_loss": 1.0, "holdout": hold, "seconds": seconds}) + "\n")
+        if score is not None:
+            m = {"accuracy": score, "n": 10} if task == "classify" else dict(SEG_METRICS, miou=score)
+            f.write(json.dumps({"test": m, "checkpoint": "best", "checkpoint_step": steps,
+                                "test_rotate": cfg.test_rotate}) + "\n")
+
+
+class FakeExecutor:
+    """Stands in for training: writes a finished workdir, or fails / is interrupted at chosen calls."""
+
+    def __init__(self, fail_at=(), interrupt_at=None):
+        self.calls = []
+        self.envs = []
+        self.fail_at, self.interrupt_at = set(fail_at), interrupt_at
+
+    def __call__(self, run, root, env):
+        self.calls.append(run.index)
+        self.envs.append(dict(env))
+        n = len(self.calls)
+        if n == self.interrupt_at:
+            fake_workdir(run.workdir(root), run.config, None, run.task)  # started, then killed
+            raise KeyboardInterrupt
+        if n in self.fail_at:
+            fake_workdir(run.workdir(root), run.config, None, run.task)
+            return 1
+        fake_workdir(run.workdir(root), run.config, 0.5 + 0.01 * run.index, run.task)
+        return 0
+
+
+SMALL = [
+    grid.Block("classify", ("s2cnn_cls",), (1,), "NR", "R").with_overrides(L=10, steps=5),
+    grid.Block("classify", ("cnn_cls_68k", "cnn_cls_250k"), (1, 4, "fresh"), "R", "R", seeds=(0, 1)).with_overrides(L=15, steps=5),
+    grid.Block("segment", ("cnn_218k",), (2,), "R", "R", data=(("mnist", 1), ("fashion_mnist", 3))).with_overrides(L=12),
+]
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def test_grid_expands_to_the_expected_runs():
+    runs = grid.expand(SMALL)
+    assert len(runs) == 1 + 2 * 3 * 2 + 2
+    assert [r.index for r in runs] == list(range(len(runs)))
+    assert len({r.name for r in runs}) == len(runs)
+    s2 = runs[0]
+    assert s2.name == "classify/mnist-d1-L10/s2cnn_cls/NR-R-aug1-seed0"
+    assert s2.task == "classify" and not s2.config.train_rotate and s2.config.test_rotate and s2.config.steps == 5
+    # order: model, augmentation, seed
+    assert [(r.config.model, grid.aug_label(r.config.copies), r.config.seed) for r in runs[1:5]] == [
+        ("cnn_cls_68k", "1", 0), ("cnn_cls_68k", "1", 1), ("cnn_cls_68k", "4", 0), ("cnn_cls_68k", "4", 1)]
+    fresh = runs[6]
+    assert fresh.config.copies is None and fresh.augmentation == "fresh"
+    assert fresh.name == "classify/mnist-d1-L15/cnn_cls_68k/R-R-augfresh-seed1"
+    seg = runs[-1]
+    assert seg.name == "segment/fashion_mnist-d3-L12/cnn_218k/R-R-aug2-seed0"
+    assert (seg.config.dataset, seg.config.digits_per_image, seg.config.copies, seg.config.L) == ("fashion_mnist", 3, 2, 12)
+    # the command trains this run in its workdir
+    argv = seg.argv("/sweep", python="py")
+    assert argv[:3] == ["py", "-m", "experiments.segment"]
+    assert "--augmentation=2" in argv and "--train_rotation=so3" in argv and "--digits_per_image=3" in argv
+    assert argv[-1] == "--workdir=/sweep/segment/fashion_mnist-d3-L12/cnn_218k/R-R-aug2-seed0"
+    assert grid.expand(SMALL) == runs  # deterministic
+
+
+def test_grid_errors():
+    with pytest.raises(grid.GridError, match="take no augmentation"):
+        grid.expand([grid.Block("segment", ("s2cnn_204k",), (1, 4), "NR", "R")])
+    with pytest.raises(grid.GridError, match="is a segment model"):
+        grid.expand([grid.Block("classify", ("cnn_218k",))])
+    with pytest.raises(grid.GridError, match="unknown model"):
+        grid.expand([grid.Block("classify", ("nope",))])
+    with pytest.raises(grid.GridError, match="share the workdir"):
+        grid.expand([grid.Block("classify", ("cnn_cls_68k",)), grid.Block("classify", ("cnn_cls_68k",))])
+    with pytest.raises(grid.GridError, match="positive integer"):
+        grid.expand([grid.Block("classify", ("cnn_cls_68k",), (0,))])
+    with pytest.raises(grid.GridError, match="unknown RunConfig"):
+        grid.expand([grid.Block("classify", ("cnn_cls_68k",)).with_overrides(stepz=3)])
+
+
+def test_named_grids():
+    seg = grid.get_grid("paper_segmentation")
+    # 3 (dataset, digits) x (1 S2CNN + 3 CNNs x 6 augmentation levels)
+    assert len(seg) == 3 * (1 + 3 * 6)
+    s2 = [r for r in seg if r.config.model == "s2cnn_204k"]
+    assert len(s2) == 3 and all(not r.config.train_rotate and r.config.test_rotate and r.config.L == 50 for r in s2)
+    assert all(r.config.train_rotate and r.config.test_rotate for r in seg if r.config.model.startswith("cnn"))
+    cls = grid.get_grid("paper_classification")
+    assert {r.config.model for r in cls} == {"s2cnn_cls", "s2cnn_cls_deep", "cnn_cls_68k", "cnn_cls_250k",
+                                             "cnn_cls_500k", "cnn_cls_1m", "cnn_cls_4m"}
+    assert all(r.task == "classify" and r.config.L == 30 for r in cls)
+    red = grid.get_grid("reduced_cpu")
+    assert [(r.task, r.config.model, r.augmentation) for r in red] == [
+        ("classify", "s2cnn_cls", "1"),
+        ("classify", "cnn_cls_68k", "1"), ("classify", "cnn_cls_68k", "4"), ("classify", "cnn_cls_68k", "fresh"),
+        ("classify", "cnn_cls_250k", "1"), ("classify", "cnn_cls_250k", "4"), ("classify", "cnn_cls_250k", "fresh"),
+        ("segment", "s2cnn_204k", "1"),
+        ("segment", "cnn_218k", "1"), ("segment", "cnn_218k", "4"), ("segment", "cnn_218k", "fresh"),
+    ]
+    assert all(r.config.source == "tfds" and r.config.dataset == "mnist" and r.config.L <= 16 for r in red)
+    with pytest.raises(grid.GridError, match="unknown grid"):
+        grid.get_grid("nope")
+
+
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_run_flags_reproduce_the_config(task):
+    """The flags a run is launched with give back exactly its RunConfig (else the runner would see
+    a conflict in the workdir)."""
+    runs = [r for r in grid.expand(SMALL) + grid.get_grid("reduced_cpu") if r.task == task]
+    code = (
+        "import sys, json, dataclasses\n"
+        f"import experiments.{task}\n"
+        "from experiments import common\n"
+        "runs = json.loads(sys.argv[1])\n"
+        "out = []\n"
+        "for argv in runs:\n"
+        "    common.FLAGS.unparse_flags()\n"
+        "    common.FLAGS(['x'] + argv)\n"
+        "    out.append(dataclasses.asdict(common.config()))\n"
+        "print(json.dumps(out))\n"
+    )
+    argvs = [r.argv("/w")[3:-1] for r in runs]
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == [dataclasses.asdict(r.config) for r in runs]
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def test_runner_skips_finished_runs_and_reruns_unfinished(tmp_path):
+    root = str(tmp_path)
+    runs = grid.expand(SMALL)
+    fake_workdir(runs[0].workdir(root), runs[0].config, 0.9, "classify")  # finished
+    fake_workdir(runs[1].workdir(root), runs[1].config, None, "classify")  # started, not finished
+    # a test record of another rotation (extra evaluation) does not finish the run
+    fake_workdir(runs[2].workdir(root), runs[2].config, None, "classify")
+    with open(os.path.join(runs[2].workdir(root), "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"test": {"accuracy": 0.1, "n": 1}, "test_rotate": False}) + "\n")
+        f.write('{"test": {"accu')  # a line cut short by a kill
+    # a workdir holding another configuration is reported, never touched
+    other = dataclasses.replace(runs[3].config, steps=999)
+    fake_workdir(runs[3].workdir(root), other, 0.9, "classify")
+    assert [run_grid.run_state(r, root) for r in runs[:5]] == ["done", "partial", "partial", "conflict", "new"]
+    ex = FakeExecutor()
+    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None)
+    assert ex.calls == [r.index for r in runs if r.index not in (0, 3)]
+    assert res.skipped == [0] and res.conflicts == [3] and res.done == ex.calls and not res.failed
+    assert not res.ok  # the conflict needs a human
+    assert json.load(open(os.path.join(runs[3].workdir(root), "config.json")))["steps"] == 999
+    # everything finished: a second sweep runs nothing
+    ex2 = FakeExecutor()
+    res2 = run_grid.execute(runs, root, ex2, devices=[], log=lambda s: None)
+    assert ex2.calls == [] and len(res2.skipped) == len(runs) - 1
+    events = [json.loads(l) for l in open(os.path.join(root, "sweep.jsonl"))]
+    assert sum(e["event"] == "end" for e in events) == len(ex.calls)
+
+
+def test_interrupted_sweep_resumes(tmp_path):
+    root = str(tmp_path)
+    runs = grid.expand(SMALL)
+    ex = FakeExecutor(interrupt_at=2)  # Ctrl-C / SIGTERM while the 2nd run trains
+    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None)
+    assert res.interrupted and ex.calls == [0, 1] and res.done == [0]
+    assert [run_grid.run_state(r, root) for r in runs[:3]] == ["done", "partial", "new"]
+    ex2 = FakeExecutor()
+    res2 = run_grid.execute(runs, root, ex2, devices=[], log=lambda s: None)
+    assert ex2.calls == list(range(1, len(runs))) and res2.skipped == [0] and res2.ok
+
+
+def test_failed_run_is_retried_on_restart(tmp_path):
+    root = str(tmp_path)
+    runs = grid.expand(SMALL)
+    ex = FakeExecutor(fail_at={2})  # the 2nd run exits with an error; the sweep goes on
+    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None)
+    assert ex.calls == list(range(len(runs))) and res.failed == [1] and not res.ok
+    ex2 = FakeExecutor()
+    res2 = run_grid.execute(runs, root, ex2, devices=[], log=lambda s: None)
+    assert ex2.calls == [1] and res2.done == [1] and res2.ok
+    # --stop_on_failure stops dispatching after the failure
+    root3 = str(tmp_path / "b")
+    ex3 = FakeExecutor(fail_at={2})
+    res3 = run_grid.execute(runs, root3, ex3, devices=[], stop_on_failure=True, log=lambda s: None)
+    assert ex3.calls == [0, 1] and res3.failed == [1]
+
+
+def test_one_run_per_gpu(tmp_path):
+    runs = grid.expand(SMALL)
+    ex = FakeExecutor()
+    res = run_grid.execute(runs, str(tmp_path), ex, devices=["0", "1", "2"], log=lambda s: None)
+    assert sorted(ex.calls) == list(range(len(runs))) and res.ok
+    used = [e["CUDA_VISIBLE_DEVICES"] for e in ex.envs]
+    assert set(used) <= {"0", "1", "2"}
+    assert all(len(e) == 1 for e in ex.envs)
+
+
+def test_gpus_of_a_single_run(tmp_path):
+    """Fewer runs than GPUs (--index, multi-host): the run gets a power-of-two group of them."""
+    runs = grid.expand(SMALL)[:1]
+    ex = FakeExecutor()
+    run_grid.execute(runs, str(tmp_path / "a"), ex, devices=["0", "1", "2", "3"], log=lambda s: None)
+    assert ex.envs == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}]
+    assert run_grid.device_slots(["0", "1", "2"], 1) == ["0,1"]
+    assert run_grid.device_slots(["0", "1", "2", "3", "4", "5", "6", "7"], 3) == ["0,1", "2,3", "4,5"]
+    assert run_grid.device_slots(["0"], 2) == ["0", "0"]
+
+
+def test_subprocess_executor_and_index(tmp_path, monkeypatch):
+    """The real executor runs the run's command (a stand-in python here) with the workdir's log."""
+    stub = tmp_path / "stub_python"
+    stub.write_text("#!/bin/sh\necho \"ran $@\"\nexit 3\n")
+    stub.chmod(0o755)
+    runs = grid.get_grid("reduced_cpu")
+    root = str(tmp_path / "sweep")
+    rc = run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=2", f"--python={stub}"])
+    assert rc == 1  # the stub exits 3: a failure
+    log = open(os.path.join(runs[2].workdir(root), "run.log")).read()
+    assert "ran -m experiments.classify" in log and "--augmentation=4" in log
+    assert os.path.exists(os.path.join(root, "grid_reduced_cpu.json"))
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=11"]) == 2
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def test_slurm_scripts(tmp_path, capsys):
+    root = str(tmp_path / "sweep")
+    n = len(grid.get_grid("reduced_cpu"))
+    assert slurm.main(["--grid=reduced_cpu", f"--root={root}", "--partition=gpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#!/bin/bash\n")
+    assert f"#SBATCH --array=0-{n - 1}\n" in text
+    assert "#SBATCH --partition=gpu\n" in text and "#SBATCH --gpus-per-task=1\n" in text
+    assert f"python -m launch.run_grid --grid=reduced_cpu --root={root} --index=$SLURM_ARRAY_TASK_ID\n" in text
+    assert f"cd {ROOT}\n" in text and os.path.isdir(os.path.join(root, "slurm"))
+    out = tmp_path / "multi.sh"
+    assert slurm.main(["--grid=paper_segmentation", f"--root={root}", "--multi_host", "--nodes=4",
+                       "--max_parallel=2", f"--out={out}"]) == 0
+    text = out.read_text()
+    m = len(grid.get_grid("paper_segmentation"))
+    assert f"#SBATCH --array=0-{m - 1}%2\n" in text and "#SBATCH --nodes=4\n" in text
+    assert "srun --ntasks=4 --ntasks-per-node=1" in text
+    for flag in ("--index=$SLURM_ARRAY_TASK_ID", "--coordinator_address=$COORD:$PORT",
+                 "--num_processes=$SLURM_NTASKS", "--process_id=$SLURM_PROCID"):
+        assert flag in text
+    assert 'COORD="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in text
+    assert "export COORD PORT" in text
+    p = subprocess.run(["bash", "-n", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_multi_host_flags_are_passed_to_the_run(tmp_path):
+    stub = tmp_path / "stub_python"
+    stub.write_text("#!/bin/sh\necho \"ran $@\"\n")
+    stub.chmod(0o755)
+    root = str(tmp_path / "sweep")
+    run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=0", f"--python={stub}",
+                   "--coordinator_address=h:1", "--num_processes=2", "--process_id=1"])
+    run = grid.get_grid("reduced_cpu")[0]
+    log = open(os.path.join(run.workdir(root), "run.log")).read()
+    assert "--coordinator_address=h:1 --num_processes=2 --process_id=1" in log
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _hand_made_sweep(root):
+    base = RunConfig(source="tfds", dataset="mnist", L=12)
+    seg = dict(L=12)
+    cls = [
+        # (model, train, test, copies, seed, accuracy)
+        ("s2cnn_cls", False, True, 1, 0, 0.91),
+        ("cnn_cls_68k", True, True, 1, 0, 0.40),
+        ("cnn_cls_68k", True, True, 1, 1, 0.50),
+        ("cnn_cls_68k", True, True, 4, 0, 0.70),
+        ("cnn_cls_68k", True, True, None, 0, 0.85),
+        ("cnn_cls_250k", True, True, 1, 0, 0.45),
+        ("cnn_cls_250k", True, True, None, 0, 0.93),
+    ]
+    for model, tr, te, copies, seed, acc in cls:
+        cfg = dataclasses.replace(base, model=model, train_rotate=tr, test_rotate=te, copies=copies, seed=seed)
+        fake_workdir(os.path.join(root, grid.run_name("classify", cfg)), cfg, acc, "classify", seconds=20.0, steps=100)
+    for model, tr, copies, miou in [("s2cnn_204k", False, 1, 0.61), ("cnn_218k", True, 1, 0.30), ("cnn_218k", True, 4, 0.42)]:
+        cfg = dataclasses.replace(base, model=model, train_rotate=tr, copies=copies, **seg)
+        fake_workdir(os.path.join(root, grid.run_name("segment", cfg)), cfg, miou, "segment")
+    # unfinished: no test record
+    cfg = dataclasses.replace(base, model="cnn_218k", train_rotate=True, copies=None)
+    fake_workdir(os.path.join(root, grid.run_name("segment", cfg)), cfg, None, "segment")
+
+
+def test_aggregation_of_hand_made_workdirs(tmp_path):
+    root = str(tmp_path / "sweep")
+    _hand_made_sweep(root)
+    bench = tmp_path / "benchmark.json"
+    bench.write_text(json.dumps([
+        {"model": "s2cnn_cls", "L": 12, "params": 29390, "infer_s": {"1": 0.01, "8": 0.05}, "train_batch": 16,
+         "train_step_s": 0.2, "device": "cpu"},
+        {"model": "cnn_cls_68k", "L": 12, "params": 52746, "infer_s": {"1": 0.001}, "train_batch": 16,
+         "train_step_s": 0.01, "device": "cpu"},
+        {"model": "cnn_218k", "L": 12, "error": ["boom"]},
+    ]))
+    s = aggregate.aggregate(root, benchmark=str(bench))
+    md = open(os.path.join(root, "aggregate", "results.md")).read()
+    expected_cls = (
+        "| model | aug 1 | aug 4 | aug fresh |\n"
+        "|---|---|---|---|\n"
+        "| s2cnn_cls (NR -> R) | 91.00 | - | - |\n"
+        "| cnn_cls_68k (R -> R) | 45.00 ± 7.07 (2) | 70.00 | 85.00 |\n"
+        "| cnn_cls_250k (R -> R) | 45.00 | - | 93.00 |\n"
+    )
+    expected_seg = (
+        "| model | aug 1 | aug 4 |\n"
+        "|---|---|---|\n"
+        "| s2cnn_204k (NR -> R) | 0.6100 | - |\n"
+        "| cnn_218k (R -> R) | 0.3000 | 0.4200 |\n"
+    )
+    assert expected_cls in md and expected_seg in md
+    assert "## classification, mnist, 1 digit per image, L=12" in md
+    assert "## segmentation, mnist, 1 digit per image, L=12" in md
+    assert "segment/mnist-d1-L12/cnn_218k/R-R-augfresh-seed0" in s["unfinished"] and "## Unfinished" in md
+    assert len(s["runs"]) == 10
+    t = {(x["group"]["task"]): x for x in s["tables"]}
+    rows = {r["model"]: r for r in t["classify"]["rows"]}
+    assert rows["cnn_cls_68k"]["cells"]["1"] == pytest.approx(0.45) and rows["cnn_cls_68k"]["n"]["1"] == 2
+    assert t["segment"]["columns"] == ["1", "4"]
+    names = sorted(os.path.basename(f) for f in s["figures"])
+    assert names == ["score_vs_aug_classify_mnist_d1_L12.png", "score_vs_aug_segment_mnist_d1_L12.png",
+                     "tradeoff_classify_mnist_d1_L12.png"]  # no benchmark row for the segmenters
+    for f in s["figures"]:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # without a benchmark the trade-off uses the runs' own seconds per step
+    s2 = aggregate.aggregate(root, out=str(tmp_path / "agg2"))
+    assert "tradeoff_segment_mnist_d1_L12.png" in [os.path.basename(f) for f in s2["figures"]]
+    r0 = [r for r in s2["runs"] if r["model"] == "s2cnn_cls"][0]
+    assert r0["step_seconds"] == pytest.approx(0.2) and r0["aug"] == "1" and r0["train"] == "NR"
+
+
+def test_aggregate_command_line(tmp_path):
+    root = str(tmp_path / "sweep")
+    _hand_made_sweep(root)
+    code = ("import sys\nfrom launch import aggregate\nrc = aggregate.main(sys.argv[1:])\n"
+            "assert 'jax' not in sys.modules, 'aggregation must not need jax'\nsys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code, f"--root={root}", f"--out={tmp_path / 'o'}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| cnn_218k (R -> R) | 0.3000 | 0.4200 |" in p.stdout
+    assert os.path.exists(tmp_path / "o" / "results.json")
+
+
+def test_sigterm_stops_the_sweep_and_its_run(tmp_path):
+    """SIGTERM (SLURM preemption, kill) ends the sweep with status 130 and takes the training
+    process down with it; the run is left unfinished, to resume at the next start."""
+    import signal
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    stub = tmp_path / "stub_python"
+    stub.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    stub.chmod(0o755)
+    root = str(tmp_path / "sweep")
+    p = subprocess.Popen([sys.executable, "-m", "launch.run_grid", "--grid=reduced_cpu", f"--root={root}",
+                          f"--python={stub}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, out
+    assert "INTERRUPTED" in out
+    for _ in range(100):  # the child is gone (reaped by the sweep)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the training process outlived the sweep")
+    run = grid.get_grid("reduced_cpu")[0]
+    assert run_grid.run_state(run, root) == "new"  # the stub wrote nothing: not finished
