@@ -77,5 +77,8 @@ def run(task: str):
         result = runner.fit(config(), FLAGS.workdir)
     except runner.RunError as e:
         fail(str(e))
-    print(open(f"{FLAGS.workdir}/summary.md").read())
+    import jax
+
+    if jax.process_index() == 0:
+        print(open(f"{FLAGS.workdir}/summary.md").read())
     return result

@@ -125,7 +125,7 @@ def _check_workdir(workdir: str, cfg: RunConfig) -> None:
                 f"workdir {workdir} holds a run of another configuration ({detail}); "
                 f"use a new --workdir or the same flags to resume"
             )
-    else:
+    elif _is_writer():
         with open(path, "w") as f:
             json.dump(mine, f, indent=1, sort_keys=True)
 
@@ -157,7 +157,14 @@ def _restore(manager, step, abstract, what):
         ) from None
 
 
+def _is_writer() -> bool:
+    """Only process 0 writes files of a multi-host run (orbax coordinates checkpoints itself)."""
+    return jax.process_index() == 0
+
+
 def _append_jsonl(workdir, record):
+    if not _is_writer():
+        return
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -320,7 +327,7 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
     predict = train.make_predict(model)
     m = evaluate_params(predict, task, params, tables, _data[0], _data[1], test_cfg, cfg.seed + 2)
     rec = {"test": m, "checkpoint": which, "checkpoint_step": int(step), "test_rotate": cfg.test_rotate}
-    if task == "segment":
+    if task == "segment" and _is_writer():
         x, _, mask = next(iter(pipeline.eval_batches(_data[0][:4], _data[1][:4], test_cfg, cfg.seed + 2)))
         pred = metrics.logits_to_pred(predict(params, tables, x))
         from sphere_jax import plotting
@@ -330,8 +337,9 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
             x, mask, pred, os.path.join(workdir, "predictions.png"), title=f"{cfg.model}, {rot} test digits"
         )
     _append_jsonl(workdir, rec)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summarise(cfg, task, rec))
+    if _is_writer():
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(summarise(cfg, task, rec))
     return rec
 
 
