@@ -7,7 +7,8 @@ Workdir layout::
     WORKDIR/checkpoints/<step> latest checkpoints (params, opt_state, step), for resuming
     WORKDIR/best/<step>        the checkpoint with the best hold-out score
     WORKDIR/metrics.jsonl      one JSON object per evaluation (train loss, hold-out, test)
-    WORKDIR/summary.md         the final test metrics, for humans
+    WORKDIR/summary.md         the latest test evaluation, for humans
+    WORKDIR/predictions_R.png  predictions beside targets on rotated (R) / canonical (NR) test digits
 
 Batches are a pure function of ``(seed, step)`` (see :mod:`sphere_jax.data.pipeline`), so a
 killed run restarted with the same command resumes from its last checkpoint and ends with the
@@ -77,6 +78,22 @@ class RunConfig:
                 raise RunError(f"--{field} must be >= 1, got {getattr(self, field)}")
         if self.copies is not None and self.copies < 1:
             raise RunError("--copies must be >= 1 (or 'fresh')")
+
+
+def _load_test(cfg: RunConfig):
+    """Only the test digits ``(uint8 [n, 28, 28], int32 [n])`` of a run."""
+    if cfg.source == "synthetic":
+        tei, tel = pipeline.synthetic_digits(max(cfg.n_test, 1), seed=cfg.seed + 10_000)
+    else:
+        from sphere_jax.data import digits
+
+        try:
+            tei, tel = digits.load_digits(cfg.dataset, "test", data_dir=cfg.data_dir, digits_dir=cfg.digits_dir)
+        except digits.DigitsSourceError as e:
+            raise RunError(str(e)) from None
+    if cfg.n_test:
+        tei, tel = tei[: cfg.n_test], tel[: cfg.n_test]
+    return tei, tel
 
 
 def _load(cfg: RunConfig):
@@ -320,7 +337,7 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
     mesh = mesh or train.make_mesh()
     tables = _tables if _tables is not None else train.replicate(mesh, harmonics.build_tables(model.table_specs()))
     if _data is None:
-        _, _, _data = _load(cfg)
+        _data = _load_test(cfg)
     params, which, step = restore_params(workdir, mesh=mesh, _model_task=(model, task), _tables=tables)
     test_cfg = pipeline.StreamConfig(L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
                                      rotate=cfg.test_rotate)
@@ -333,8 +350,9 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
         from sphere_jax import plotting
 
         rot = "rotated" if cfg.test_rotate else "canonical"
+        name = "predictions_R.png" if cfg.test_rotate else "predictions_NR.png"
         rec["figure"] = plotting.plot_predictions(
-            x, mask, pred, os.path.join(workdir, "predictions.png"), title=f"{cfg.model}, {rot} test digits"
+            x, mask, pred, os.path.join(workdir, name), title=f"{cfg.model}, {rot} test digits"
         )
     _append_jsonl(workdir, rec)
     if _is_writer():

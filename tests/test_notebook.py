@@ -89,7 +89,8 @@ def test_quickstart_notebook_runs_at_tiny_size(tmp_path, monkeypatch):
         assert (run / "best").is_dir() and (run / "checkpoints").is_dir()
         tests = [json.loads(line) for line in open(run / "metrics.jsonl") if '"test"' in line]
         assert {t["test_rotate"] for t in tests} == {True, False}
-        _png_ok(run / "predictions.png")
+        _png_ok(run / "predictions_R.png")
+        _png_ok(run / "predictions_NR.png")
     table = (workdir / "comparison.md").read_text().splitlines()
     assert len(table) == 4 and "s2cnn_seg_small" in table[2] and "cnn_218k" in table[3]
     markdown = [o for o in outputs if "text/markdown" in o.get("data", {})]

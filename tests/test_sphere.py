@@ -369,12 +369,13 @@ def _background(images, labels, rotate, L=30):
 
 
 def test_mask_classes_and_background_fraction_synthetic():
-    """Area-weighted background fraction at L = 30 (measured on these 64: 0.942 NR and R,
-    per digit 0.927..0.951); it is a property of the digit, the same canonical or rotated."""
+    """Area-weighted background fraction at L = 30 (measured on these 64 blob/ring patterns:
+    0.920 NR, 0.924 R, per digit 0.857..0.986); a property of the digit, nearly the same
+    canonical or rotated (the difference is interpolation)."""
     images, labels = pipeline.synthetic_digits(64, seed=0)
     nr, r = _background(images, labels, False), _background(images, labels, True)
-    assert 0.92 < nr.mean() < 0.96 and 0.90 < nr.min() and nr.max() < 0.97
-    assert abs(nr.mean() - r.mean()) < 0.005
+    assert 0.89 < nr.mean() < 0.95 and 0.83 < nr.min() and nr.max() < 0.995
+    assert abs(nr.mean() - r.mean()) < 0.01
 
 
 def test_mask_classes_and_background_fraction_fashion(fashion):
