@@ -11,7 +11,7 @@ FLAGS = flags.FLAGS
 def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_enum("model", default_model, models, "model to train")
     flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "digit dataset")
-    flags.DEFINE_enum("source", "tfds", list(runner.SOURCES), "tfds: prepared digits; synthetic: offline test patterns")
+    flags.DEFINE_enum("source", "tfds", list(runner.SOURCES), "tfds: prepared digits; synthetic: offline test patterns; npz: --digits_npz")
     flags.DEFINE_integer("L", default_L, "band-limit of the spherical grid (2L x 2L-1)")
     flags.DEFINE_integer("digits_per_image", 1, "digits per spherical image")
     flags.DEFINE_enum("train_rotation", "none", ["none", "so3"], "rotation of training digits (NR / R)")
@@ -30,6 +30,7 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("seed", 0, "seed of everything random")
     flags.DEFINE_string("workdir", f"runs/{task}", "run directory (config, checkpoints, metrics)")
     flags.DEFINE_string("digits_dir", None, "directory of idx files to use instead of the installed sources")
+    flags.DEFINE_string("digits_npz", None, "--source=npz: .npz with train_images/train_labels/test_images/test_labels")
     flags.DEFINE_string("data_dir", None, "TFDS data directory (default: $SPHERE_JAX_DATA_DIR or ~/tensorflow_datasets)")
     flags.DEFINE_string("coordinator_address", None, "multi-host: jax.distributed coordinator host:port")
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -52,7 +53,7 @@ def config() -> runner.RunConfig:
         n_holdout=FLAGS.n_holdout, n_test=FLAGS.n_test, batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate, steps=FLAGS.steps, eval_every=FLAGS.eval_every,
         checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience, seed=FLAGS.seed,
-        digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir,
+        digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir, digits_npz=FLAGS.digits_npz,
     )
 
 

@@ -33,7 +33,7 @@ from sphere_jax import harmonics, metrics, train
 from sphere_jax.data import pipeline, sphere
 from sphere_jax.models import registry
 
-SOURCES = ("tfds", "synthetic")
+SOURCES = ("tfds", "synthetic", "npz")
 
 
 class RunError(RuntimeError):
@@ -64,6 +64,7 @@ class RunConfig:
     seed: int = 0
     digits_dir: str | None = None
     data_dir: str | None = None
+    digits_npz: str | None = None  # source="npz": train_images/train_labels/test_images/test_labels
 
     def validate(self) -> None:
         names = registry.model_names()
@@ -78,11 +79,24 @@ class RunConfig:
                 raise RunError(f"--{field} must be >= 1, got {getattr(self, field)}")
         if self.copies is not None and self.copies < 1:
             raise RunError("--copies must be >= 1 (or 'fresh')")
+        if self.source == "npz" and not (self.digits_npz and os.path.exists(self.digits_npz)):
+            raise RunError(f"--source=npz needs --digits_npz=FILE (an existing .npz), got {self.digits_npz!r}")
+
+
+def _npz(cfg: RunConfig, split: str):
+    """Digits of a split from a user's ``.npz`` (``{split}_images uint8 [n, 28, 28]``, ``{split}_labels``)."""
+    with np.load(cfg.digits_npz) as z:
+        try:
+            return np.asarray(z[f"{split}_images"], np.uint8), np.asarray(z[f"{split}_labels"], np.int32)
+        except KeyError:
+            raise RunError(f"{cfg.digits_npz} lacks {split}_images / {split}_labels (has {sorted(z.files)})") from None
 
 
 def _load_test(cfg: RunConfig):
     """Only the test digits ``(uint8 [n, 28, 28], int32 [n])`` of a run."""
-    if cfg.source == "synthetic":
+    if cfg.source == "npz":
+        tei, tel = _npz(cfg, "test")
+    elif cfg.source == "synthetic":
         tei, tel = pipeline.synthetic_digits(max(cfg.n_test, 1), seed=cfg.seed + 10_000)
     else:
         from sphere_jax.data import digits
@@ -97,24 +111,22 @@ def _load_test(cfg: RunConfig):
 
 
 def _load(cfg: RunConfig):
-    if cfg.source == "synthetic":
+    """``(train, hold-out, test)`` digits of a run, each ``(uint8 [n, 28, 28], int32 [n])``."""
+    if cfg.source == "npz":
+        tr = _npz(cfg, "train")
+    elif cfg.source == "synthetic":
         tr = pipeline.synthetic_digits(max(cfg.n_train, 1) + cfg.n_holdout, seed=cfg.seed)
-        te = pipeline.synthetic_digits(max(cfg.n_test, 1), seed=cfg.seed + 10_000)
     else:
         from sphere_jax.data import digits
 
         try:
             tr = digits.load_digits(cfg.dataset, "train", data_dir=cfg.data_dir, digits_dir=cfg.digits_dir)
-            te = digits.load_digits(cfg.dataset, "test", data_dir=cfg.data_dir, digits_dir=cfg.digits_dir)
         except digits.DigitsSourceError as e:
             raise RunError(str(e)) from None
     (tri, trl), (hoi, hol) = pipeline.split_holdout(tr[0], tr[1], cfg.n_holdout, seed=cfg.seed)
     if cfg.n_train:
         tri, trl = tri[: cfg.n_train], trl[: cfg.n_train]
-    tei, tel = te
-    if cfg.n_test:
-        tei, tel = tei[: cfg.n_test], tel[: cfg.n_test]
-    return (tri, trl), (hoi, hol), (tei, tel)
+    return (tri, trl), (hoi, hol), _load_test(cfg)
 
 
 def _model(cfg: RunConfig):

@@ -149,3 +149,23 @@ def test_workdir_of_another_configuration_and_corrupt_checkpoint(tmp_path):
             open(os.path.join(root, f), "wb").close()
     with pytest.raises(runner.RunError, match="corrupt or from another model"):
         runner.fit(cfg, str(wd), progress=False)
+
+
+def test_npz_source_reads_the_users_digits(tmp_path):
+    from sphere_jax.data import pipeline
+
+    tri, trl = pipeline.synthetic_digits(50, seed=1)
+    tei, tel = pipeline.synthetic_digits(20, seed=2)
+    path = tmp_path / "digits.npz"
+    np.savez(path, train_images=tri, train_labels=trl, test_images=tei, test_labels=tel)
+    cfg = dataclasses.replace(TINY_SEG, source="npz", digits_npz=str(path), n_train=30, n_holdout=10, n_test=0)
+    (a, al), (h, hl), (t, tl) = runner._load(cfg)
+    assert a.shape == (30, 28, 28) and h.shape == (10, 28, 28) and np.array_equal(t, tei) and np.array_equal(tl, tel)
+    # train + hold-out are disjoint rows of the user's train split
+    rows = {bytes(x) for x in tri}
+    assert {bytes(x) for x in a} <= rows and {bytes(x) for x in h} <= rows
+    np.savez(path, train_images=tri, train_labels=trl)
+    with pytest.raises(runner.RunError, match="lacks test_images"):
+        runner._load(cfg)
+    with pytest.raises(runner.RunError, match="needs --digits_npz"):
+        runner.fit(dataclasses.replace(cfg, digits_npz=str(tmp_path / "missing.npz")), str(tmp_path / "w"), progress=False)
