@@ -190,7 +190,10 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
         return {"model": case["model"], "L": case["L"], "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"model": case["model"], "L": case["L"], "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        # the exception line, not JAX's "removed its internal frames" notice
+        errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
+        return {"model": case["model"], "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 

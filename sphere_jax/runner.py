@@ -402,7 +402,9 @@ def restore_params(workdir: str, which: str = "best", mesh=None, _model_task=Non
 def summarise(cfg: RunConfig, task: str, rec: dict) -> str:
     m = rec["test"]
     rot = "rotated (R)" if rec["test_rotate"] else "canonical (NR)"
-    data = cfg.dataset if cfg.source == "tfds" else "synthetic digits"
+    data = {"tfds": cfg.dataset, "synthetic": "synthetic digits"}.get(
+        cfg.source, f"digits of {os.path.basename(str(cfg.digits_npz))}"
+    )
     lines = [f"# {cfg.model} on {data}, test digits {rot}", "",
              f"checkpoint: {rec['checkpoint']} at step {rec['checkpoint_step']}, {m['n']} test images", ""]
     if task == "classify":
