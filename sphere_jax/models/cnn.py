@@ -96,6 +96,19 @@ def _check_input(x: jax.Array, who: str, kernels, strides) -> list[tuple[int, in
     return sizes
 
 
+def _valid_conv(conv: nn.Module, h: jax.Array, k: int, s: int) -> jax.Array:
+    """A VALID convolution computed as ``conv`` (padded by ``s`` on every side) then cropped.
+
+    Same parameters and result as ``padding="VALID"``; XLA's CPU backend runs a padded
+    convolution and its gradients 2.5-3x faster than an unpadded one (measured: a 9x9 conv,
+    22 -> 15 channels, batch 32 at 92x91, forward + gradients 3.3 s VALID, 1.3 s padded; the
+    whole CNN-218k training step at bandwidth 50 went from 21.1 s to 18.6 s on 2 cores, where
+    the weight gradients of the transposed convolutions now dominate).
+    """
+    Hv, Wv = (h.shape[1] - k) // s + 1, (h.shape[2] - k) // s + 1
+    return conv(h)[:, 1 : 1 + Hv, 1 : 1 + Wv]
+
+
 def _nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Nearest-neighbour resize of ``[B, h, w, C]`` to ``[B, H, W, C]``.
 
@@ -185,7 +198,7 @@ class CNNSegmenter(nn.Module):
         h = x
         for i in range(n):
             k, s = ks[i], ss[i]
-            y = nn.Conv(ch[i], (k, k), strides=(s, s), padding="VALID", name=f"enc_conv_{i}")(h)
+            y = _valid_conv(nn.Conv(ch[i], (k, k), strides=(s, s), padding=((s, s), (s, s)), name=f"enc_conv_{i}"), h, k, s)
             if self.use_skips and i > 0:
                 p = nn.max_pool(h, (k, k), strides=(s, s), padding="VALID")
                 y = y + nn.Conv(ch[i], (1, 1), name=f"enc_skip_{i}")(p)
@@ -297,7 +310,7 @@ class CNNClassifier(nn.Module):
         _check_input(x, "CNNClassifier", ks, ss)
         h = x
         for i, (c, k, s) in enumerate(zip(ch, ks, ss)):
-            h = nn.relu(nn.Conv(c, (k, k), strides=(s, s), padding="VALID", name=f"conv_{i}")(h))
+            h = nn.relu(_valid_conv(nn.Conv(c, (k, k), strides=(s, s), padding=((s, s), (s, s)), name=f"conv_{i}"), h, k, s))
         if self.global_pool:
             h = jnp.mean(h, axis=(1, 2))
         else:
