@@ -241,7 +241,6 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     if cfg.batch_size % n_dev:
         raise RunError(f"--batch_size={cfg.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
     (tri, trl), (hoi, hol), (tei, tel) = _load(cfg)
-    _check_workdir(workdir, cfg)
 
     stream_cfg = pipeline.StreamConfig(
         L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
@@ -252,14 +251,17 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     except ValueError as e:
         raise RunError(str(e)) from None
     hold_cfg = dataclasses.replace(stream_cfg, rotate=cfg.train_rotate)
-    test_cfg = dataclasses.replace(stream_cfg, rotate=cfg.test_rotate)
 
     tables = train.replicate(mesh, harmonics.build_tables(model.table_specs()))
     key = jax.random.key(cfg.seed)
     x0 = jnp.zeros((1, 2 * cfg.L, 2 * cfg.L - 1, 1))
-    params = jax.jit(model.init)(key, x0, tables)["params"]
+    try:
+        params = jax.jit(model.init)(key, x0, tables)["params"]
+    except ValueError as e:  # e.g. an input too small for a CNN's valid convolutions
+        raise RunError(f"{cfg.model} cannot take band-limit L={cfg.L}: {str(e).splitlines()[0]}") from None
     tx = optax.adam(cfg.learning_rate)
     state = train.TrainState.create(params, tx)
+    _check_workdir(workdir, cfg)  # only now: a run that cannot start leaves no workdir behind
     latest, best = _managers(workdir)
     ckpt = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state}
     best_score = -math.inf

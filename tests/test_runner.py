@@ -125,6 +125,9 @@ def test_bad_inputs(tmp_path, monkeypatch):
     # a band-limit the model cannot take
     with pytest.raises(runner.RunError, match="below the first layer"):
         runner.fit(dataclasses.replace(TINY_SEG, model="s2cnn_cls", L=6), str(tmp_path / "a"), progress=False)
+    with pytest.raises(runner.RunError, match="cnn_218k cannot take band-limit L=4"):
+        runner.fit(dataclasses.replace(TINY_SEG, model="cnn_218k", L=4), str(tmp_path / "c"), progress=False)
+    assert not (tmp_path / "c").exists()  # nothing written for a run that cannot start
     # missing data: no prepared dataset and no offline source -> the install command, at once
     from sphere_jax.data import digits
 
