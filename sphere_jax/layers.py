@@ -187,9 +187,23 @@ class _SO3Filter(nn.Module):
         F = F[:, L - Lc : L + Lc - 1, :Lc, L - Lc : L + Lc - 1]
         return F, Lc
 
-    def _kernel_d_specs(self):
-        betas = self._grid()[0]
-        return hm.kernel_d_spec(min(self.L_in, self.L_out), betas)
+    def _specs(self, out_kind: str) -> dict:
+        """Tables: SO(3) forward at ``L_in``, the output transform, the rings' d-matrices."""
+        return {
+            **hm.table_specs("so3", self.L_in, True),
+            **hm.table_specs(out_kind, self.L_out, False),
+            **hm.kernel_d_spec(min(self.L_in, self.L_out), self._grid()[0]),
+        }
+
+    def _prepare(self, x, tables, k_range):
+        """Input coefficients ``F [B, n, l, m, C_in]`` (truncated to ``Lc``), bias, the rings'
+        d-matrices ``[l, k, n, b]`` and the kernel's ``G [k, n, b, C_in, C_out]``."""
+        F, Lc = self._input_coeffs(x, tables)
+        w, b = self._params(x.shape[-1])
+        betas, alphas, pre_gammas = self._grid()
+        dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))
+        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, k_range(Lc))
+        return F, Lc, b, dk, G
 
 
 class SO3Conv(_SO3Filter):
@@ -201,19 +215,11 @@ class SO3Conv(_SO3Filter):
     """
 
     def table_specs(self) -> dict:
-        return {
-            **hm.table_specs("so3", self.L_in, True),
-            **hm.table_specs("so3", self.L_out, False),
-            **self._kernel_d_specs(),
-        }
+        return self._specs("so3")
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
-        F, Lc = self._input_coeffs(x, tables)
-        w, b = self._params(x.shape[-1])
-        betas, alphas, pre_gammas = self._grid()
-        dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))  # [l, k, n, b]
-        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, np.arange(Lc))  # [k>=0, n, b, c, d]
+        F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: np.arange(Lc))  # G: k >= 0
         blocks = []
         for l0, l1 in _buckets(Lc):
             s = slice(Lc - l1, Lc + l1 - 1)  # |n|, |m| < l1
@@ -237,19 +243,11 @@ class SO3ToS2(_SO3Filter):
     """
 
     def table_specs(self) -> dict:
-        return {
-            **hm.table_specs("so3", self.L_in, True),
-            **hm.table_specs("s2", self.L_out, False),
-            **self._kernel_d_specs(),
-        }
+        return self._specs("s2")
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
-        F, Lc = self._input_coeffs(x, tables)
-        w, b = self._params(x.shape[-1])
-        betas, alphas, pre_gammas = self._grid()
-        dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))  # [l, k, n, b]
-        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, np.arange(-Lc + 1, Lc))  # [k, n, b, c, d]
+        F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: np.arange(-Lc + 1, Lc))  # G: all k
         kappa = jnp.einsum("lknb,knbcd->lncd", dk, G)  # sum_k Psi_lkn
         # real part of the output <=> kappa_ln -> (kappa_ln + (-1)^n conj(kappa_l,-n)) / 2
         sign = ((-1.0) ** np.abs(np.arange(-Lc + 1, Lc))).astype(np.float32)
