@@ -30,6 +30,14 @@ SOUTH_POLE = np.array([0.0, 0.0, -1.0])
 NUM_MASK_CLASSES = 11
 
 
+def _save(fig, path) -> None:
+    """Write ``fig`` as a PNG at ``path``, creating its folder."""
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(os.fspath(path), dpi=100)
+
+
 def mask_colormap() -> tuple[ListedColormap, BoundaryNorm]:
     """Colormap and norm for 11-class masks: 0 (background) black, classes 1..10 the ten
     ``tab10`` colours (class ``c + 1`` = digit ``c``)."""
@@ -198,7 +206,7 @@ def plot_samples(images, masks, path, labels=None, view=None, globe_mask: bool =
             ax.set_aspect("equal")
             ax.axis("off")
     fig.suptitle(f"{B} spherical samples, dh grid L={L} ({2 * L} x {2 * L - 1})", fontsize=10)
-    fig.savefig(os.fspath(path), dpi=100)
+    _save(fig, path)
     return path
 
 
@@ -231,5 +239,5 @@ def plot_predictions(images, targets, preds, path, title: str = ""):
             axes[i, j].set_xticks([0, 180, 360])
             axes[i, j].set_yticks([0, 90, 180])
     fig.suptitle(title, fontsize=10)
-    fig.savefig(os.fspath(path), dpi=100)
+    _save(fig, path)
     return path
