@@ -22,6 +22,7 @@ Conventions (s2fft's):
 from __future__ import annotations
 
 import functools
+import os
 from typing import Mapping
 
 import jax
@@ -224,10 +225,27 @@ def _dft_mats(L: int, N: int) -> tuple[np.ndarray, ...]:
     return f32(np.cos(am)), f32(np.sin(am)), f32(np.cos(gn)), f32(np.sin(gn))
 
 
+SO3_METHODS = ("dft", "fft")
+
+
+def _so3_method() -> str:
+    """How the SO(3) transforms do their azimuthal sums: ``"dft"`` (real matrix products, the
+    default) or ``"fft"`` (complex FFTs), from the environment variable
+    ``SPHERE_JAX_SO3_TRANSFORM``; read when a function is traced."""
+    m = os.environ.get("SPHERE_JAX_SO3_TRANSFORM", "dft")
+    if m not in SO3_METHODS:
+        raise ValueError(f"SPHERE_JAX_SO3_TRANSFORM={m!r}; choose one of {SO3_METHODS}")
+    return m
+
+
 def so3_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
     """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> half coefficients ``[B, N, L, 2L-1, C]``."""
     N, _, L, _ = table.shape
     _check_so3(f, L, N)
+    if _so3_method() == "fft":
+        fban = jnp.fft.rfft(f, axis=1)  # gamma -> n >= 0
+        fban = jnp.fft.fftshift(jnp.fft.fft(fban, axis=3), axes=3)  # alpha -> m
+        return jnp.einsum("ntlm,bntmc->bnlmc", table.astype(fban.dtype), fban)
     am_c, am_s, gn_c, gn_s = _dft_mats(L, N)
     # gamma -> n >= 0: sum_k f e^{-i n gamma_k}
     a_re = jnp.einsum("bktpc,nk->bntpc", f, gn_c)
@@ -259,6 +277,10 @@ def so3_forward(f: jax.Array, table: jax.Array) -> jax.Array:
 def so3_inverse_half(flmn_half: jax.Array, table: jax.Array) -> jax.Array:
     """Half coefficients ``[B, N, L, 2L-1, C]`` of a real signal -> ``[B, 2N-1, 2L, 2L-1, C]``."""
     N, _, L, _ = table.shape
+    if _so3_method() == "fft":
+        fnab = jnp.einsum("ntlm,bnlmc->bntmc", table.astype(flmn_half.dtype), flmn_half)
+        fnab = jnp.fft.ifft(jnp.fft.ifftshift(fnab, axes=3), axis=3, norm="forward")  # m -> alpha
+        return jnp.fft.irfft(fnab, n=2 * N - 1, axis=1, norm="forward")  # n -> gamma
     am_c, am_s, gn_c, gn_s = _dft_mats(L, N)
     w = np.where(np.arange(N) == 0, 1.0, 2.0).astype(np.float32)[:, None]  # n and -n together
     re = jnp.einsum("ntlm,bnlmc->bntmc", table, jnp.real(flmn_half))
