@@ -101,14 +101,16 @@ class DigitStream:
         self._order_key, self._rot_key = jax.random.split(key)
         self._copies = copies
         self._batch = jax.jit(self._make_batch)
+        self._order = jax.jit(
+            lambda epoch: jax.random.permutation(jax.random.fold_in(self._order_key, epoch), self.items_per_epoch)
+        )
+        self._cached_order = (None, None)  # (epoch, device array): the shuffle is per epoch, not per step
 
-    def _make_batch(self, step):
+    def _make_batch(self, step, order):
         cfg = self.config
         k = cfg.digits_per_image
         per_step = cfg.batch_size * k
-        epoch = step // self.steps_per_epoch
         within = step % self.steps_per_epoch
-        order = jax.random.permutation(jax.random.fold_in(self._order_key, epoch), self.items_per_epoch)
         items = jax.lax.dynamic_slice_in_dim(order, within * per_step, per_step)
         digit = items % self.n
         copy = items // self.n
@@ -130,10 +132,20 @@ class DigitStream:
 
     def batch(self, step: int):
         """The batch of global step ``step`` (any order, any number of times, same result)."""
-        return self._batch(jnp.asarray(step, jnp.int32))
+        epoch = int(step) // self.steps_per_epoch
+        if self._cached_order[0] != epoch:
+            self._cached_order = (epoch, self._order(jnp.asarray(epoch, jnp.int32)))
+        return self._batch(jnp.asarray(step, jnp.int32), self._cached_order[1])
 
     def epoch_of(self, step: int) -> int:
         return int(step) // self.steps_per_epoch
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _scene_rotations(key, scene_ids, k):
+    """Rotations ``[len(scene_ids), k, 3, 3]`` keyed by ``(key, scene id)``."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(scene_ids)
+    return jax.vmap(lambda kk: rotations.random_rotations(kk, k))(keys)
 
 
 def eval_batches(images, labels, config: StreamConfig, seed: int):
@@ -151,8 +163,7 @@ def eval_batches(images, labels, config: StreamConfig, seed: int):
         imgs = jnp.asarray(images[idx].reshape(stop - start, k, 28, 28))
         labs = jnp.asarray(labels[idx].reshape(stop - start, k), jnp.int32)
         if config.rotate or k > 1:
-            keys = jax.vmap(lambda i: jax.random.fold_in(rot_key, i))(jnp.arange(start, stop))
-            rots = jax.vmap(lambda kk: rotations.random_rotations(kk, k))(keys)
+            rots = _scene_rotations(rot_key, jnp.arange(start, stop), k)
         else:
             rots = rotations.identity_rotations((stop - start, k))
         x, mask = sphere.spherical_batch(imgs, labs, rots, L=config.L, threshold=config.threshold)
