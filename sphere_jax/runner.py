@@ -319,7 +319,8 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
             break
     if bar:
         bar.close()
-    result = evaluate_workdir(workdir, mesh=mesh, _model_task=(model, task), _tables=tables, _data=(tei, tel))
+    result = evaluate_workdir(workdir, mesh=mesh, _model_task=(model, task), _tables=tables, _data=(tei, tel),
+                              _predict=predict)
     result["stopped_early"] = stopped_early
     return result
 
@@ -336,7 +337,7 @@ def _best_score_from_log(workdir, task):
 
 
 def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int | None = None, mesh=None,
-                     _model_task=None, _tables=None, _data=None) -> dict:
+                     _model_task=None, _tables=None, _data=None, _predict=None) -> dict:
     """Restore the best (else latest) checkpoint of a run and evaluate it on the test split.
 
     Appends ``{"test": metrics, ...}`` to ``metrics.jsonl`` and writes ``summary.md``.
@@ -355,7 +356,7 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
     params, which, step = restore_params(workdir, mesh=mesh, _model_task=(model, task), _tables=tables)
     test_cfg = pipeline.StreamConfig(L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
                                      rotate=cfg.test_rotate)
-    predict = train.make_predict(model)
+    predict = _predict or train.make_predict(model)  # fit passes its own: compiled once per run
     m = evaluate_params(predict, task, params, tables, _data[0], _data[1], test_cfg, cfg.seed + 2)
     rec = {"test": m, "checkpoint": which, "checkpoint_step": int(step), "test_rotate": cfg.test_rotate}
     if task == "segment" and _is_writer():
