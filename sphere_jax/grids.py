@@ -118,18 +118,28 @@ def s2_near_identity_grid(
 
 
 def so3_near_identity_grid(
-    max_beta: float, n_alpha: int = 8, n_beta: int = 3, n_gamma: int | None = None
+    max_beta: float,
+    n_alpha: int = 8,
+    n_beta: int = 3,
+    n_gamma: int | None = None,
+    max_gamma: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Filter rotations near the identity of SO(3): rings x azimuths x gammas.
 
     Returns ``(betas [n_beta], alphas [n_alpha], pre_gammas [n_gamma])``, float64. The filter
     rotation ``(b, a, c)`` is ``R(alpha=alphas[a], beta=betas[b], gamma=pre_gammas[c] - alphas[a])``
     (ZYZ), so that for small ``beta`` it is close to a rotation by ``pre_gammas[c]`` about z.
-    ``pre_gammas = 2 pi c / n_gamma`` covers the circle once: unlike the reference, which uses
-    ``linspace(-2 pi, 2 pi, n_gamma)`` and so samples the same gamma twice, every one of the
-    ``n_beta * n_alpha * n_gamma`` rotations is distinct.
+
+    ``max_gamma=None`` (ours): ``pre_gammas = 2 pi c / n_gamma`` covers the circle once, so every
+    one of the ``n_beta * n_alpha * n_gamma`` rotations is distinct. ``max_gamma=g`` (the
+    reference's ``so3_near_identity_grid``): ``pre_gammas = linspace(-g, g, n_gamma)`` with both
+    end points; for ``g = 2 pi`` the first and last gamma are the same rotation, which the
+    reference keeps (and counts in its parameters).
     """
     n_gamma = n_alpha if n_gamma is None else n_gamma
     betas, alphas = s2_near_identity_grid(max_beta, n_alpha, n_beta)
-    pre_gammas = 2 * np.pi * np.arange(n_gamma) / n_gamma
+    if max_gamma is None:
+        pre_gammas = 2 * np.pi * np.arange(n_gamma) / n_gamma
+    else:
+        pre_gammas = np.linspace(-max_gamma, max_gamma, n_gamma, endpoint=True)
     return betas, alphas, pre_gammas

@@ -163,9 +163,10 @@ class _SO3Filter(nn.Module):
     n_alpha: int = 8
     n_beta: int = 3
     n_gamma: int = 8
+    max_gamma: float | None = None
 
     def _grid(self):
-        return grids.so3_near_identity_grid(self.max_beta, self.n_alpha, self.n_beta, self.n_gamma)
+        return grids.so3_near_identity_grid(self.max_beta, self.n_alpha, self.n_beta, self.n_gamma, self.max_gamma)
 
     def _params(self, c_in):
         betas, alphas, pre_gammas = self._grid()
@@ -258,6 +259,20 @@ class SO3ToS2(_SO3Filter):
         h = _pad_end(_pad_end(h, 1, self.L_out), 2, self.L_out)  # [B, l, m >= 0, D]
         out = hm.s2_inverse_half(h, hm.lookup(tables, hm.s2_key(self.L_out, False)))
         return out + b
+
+
+def rms_normalize(x: jax.Array, target: float = 1.0, eps: float = 1e-6) -> jax.Array:
+    """Scale each sample to root-mean-square ``target`` over the sphere (area-weighted, all channels).
+
+    ``[B, 2L, 2L-1, C] -> [B, 2L, 2L-1, C]``. The factor is a rotation-invariant scalar per
+    sample, so equivariance is kept, and the network sees signals of one scale whatever the
+    data's range (``[0, 1]`` here, ``0..255`` in the reference). An all-zero sample stays zero.
+    """
+    L = x.shape[1] // 2
+    w = grids.dh_quadrature_weights(L).astype(np.float32)
+    w = w / (w.sum() * x.shape[2] * x.shape[3])
+    ms = jnp.einsum("btpc,t->b", x * x, w)
+    return x * (target * jax.lax.rsqrt(ms + eps * eps))[:, None, None, None]
 
 
 def so3_integrate(x: jax.Array) -> jax.Array:

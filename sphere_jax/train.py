@@ -21,16 +21,40 @@ Task = str  # "classify" | "segment"
 
 @struct.dataclass
 class TrainState:
-    """``step`` (int32 scalar), ``params`` and ``opt_state`` pytrees; the optimizer is static."""
+    """``step`` (int32 scalar), ``params`` and ``opt_state`` pytrees, and ``model_state``: the
+    model's other variable collections (``{"batch_stats": ...}`` for BatchNorm, ``{}`` for most
+    models). The optimizer is static."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    model_state: Any = struct.field(default_factory=dict)
 
     @classmethod
-    def create(cls, params, tx):
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+    def create(cls, params, tx, model_state=None):
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx,
+                   model_state=dict(model_state or {}))
+
+    @property
+    def variables(self) -> dict:
+        """``{"params": ..., **model_state}``, what ``model.apply`` takes."""
+        return {"params": self.params, **self.model_state}
+
+
+def split_variables(variables) -> tuple[Any, dict]:
+    """``model.init`` output -> ``(params, model_state)`` (every collection but params)."""
+    variables = dict(variables)
+    params = variables.pop("params")
+    return params, variables
+
+
+def as_variables(tree) -> dict:
+    """Variables for ``model.apply``: a dict with a ``"params"`` key is taken as is, anything
+    else is taken as the params alone (parameter trees are keyed by module names)."""
+    if isinstance(tree, dict) and "params" in tree:
+        return tree
+    return {"params": tree}
 
 
 def loss_fn(logits: jax.Array, batch_labels: jax.Array, task: Task) -> jax.Array:
@@ -73,20 +97,33 @@ def replicate(mesh: Mesh, tree):
 
 
 def make_train_step(model: nn.Module, task: Task) -> Callable:
-    """``step(state, tables, x, y) -> (state, loss)``, jit-compiled; donate the old state."""
+    """``step(state, tables, x, y) -> (state, loss)``, jit-compiled; donate the old state.
+
+    A model with a ``model_state`` (BatchNorm statistics) is called with ``train=True`` and its
+    state collections mutable; the updated statistics go into the new state.
+    """
 
     def step(state: TrainState, tables, x, y):
         def loss_of(params):
-            return loss_fn(model.apply({"params": params}, x, tables), y, task)
+            if state.model_state:
+                logits, new_state = model.apply({"params": params, **state.model_state}, x, tables, train=True,
+                                                mutable=list(state.model_state))
+            else:
+                logits, new_state = model.apply({"params": params}, x, tables), {}
+            return loss_fn(logits, y, task), new_state
 
-        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        (loss, new_state), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             model_state=dict(new_state)), loss
 
     return jax.jit(step, donate_argnums=(0,))
 
 
 def make_predict(model: nn.Module) -> Callable:
-    """``predict(params, tables, x) -> logits``, jit-compiled."""
-    return jax.jit(lambda params, tables, x: model.apply({"params": params}, x, tables))
+    """``predict(variables, tables, x) -> logits``, jit-compiled (evaluation mode).
+
+    ``variables`` is ``{"params": ..., **model_state}`` or the params alone (see :func:`as_variables`).
+    """
+    return jax.jit(lambda variables, tables, x: model.apply(as_variables(variables), x, tables))

@@ -18,14 +18,84 @@ def test_segmenter_204k_has_204073_parameters():
     assert expected == 204_073
 
 
-def test_classifier_counts_follow_the_formula():
+def _reference_count(features, grid_sizes, head):
+    """The reference's count: a conv with a grid of ``g`` points has ``g C_in C_out + C_out``
+    parameters (``kernel [C_in, C_out, g]`` and one bias per output channel); ``head`` lists the
+    widths of the layers after the Haar integration (BatchNorm1d: 2 per feature; Linear: in*out+out)."""
+    n = sum(g * a * b + b for g, a, b in zip(grid_sizes, features[:-1], features[1:]))
+    for kind, a, b in head:
+        n += 2 * a if kind == "bn" else a * b + b
+    return n
+
+
+def test_classifier_counts_follow_the_reference():
+    # S2ConvNet_original: s2cnn's default grids, S2 3 x 8 = 24 points, SO(3) 3 x 8 x 8 = 192
     m = s2cnn.make_s2cnn("s2cnn_cls")
-    # Cohen 2018 grids: S2 1 ring x 6 azimuths, SO(3) 1 x 6 x 6; dense 40 -> 10
-    assert s2cnn.count_params(s2cnn.param_shapes(m)) == 6 * 20 + 20 + 36 * 20 * 40 + 40 + 40 * 10 + 10
+    expected = _reference_count([1, 20, 40], [24, 192], [("linear", 40, 10)])
+    assert expected == 154_550  # counted on the reference code
+    assert s2cnn.count_params(s2cnn.param_shapes(m)) == expected
+    # S2ConvNet_deep: every grid 1 ring x 6 azimuths (x 6 pre-gammas), BatchNorm + MLP head
     deep = s2cnn.make_s2cnn("s2cnn_cls_deep")
     f = [1, 8, 16, 16, 24, 24, 32, 64]
-    expected = 24 * f[0] * f[1] + f[1] + sum(192 * a * b + b for a, b in zip(f[1:-1], f[2:])) + 64 * 10 + 10
+    head = [("bn", 64, 0), ("linear", 64, 64), ("bn", 64, 0), ("linear", 64, 32), ("bn", 32, 0), ("linear", 32, 10)]
+    expected = _reference_count(f, [6] + [36] * 6, head)
+    assert expected == 156_882
     assert s2cnn.count_params(s2cnn.param_shapes(deep)) == expected
+    # the project's earlier deep variant: 3 rings x 8 azimuths (x 8 gammas), dense 64 -> 10
+    rings = s2cnn.make_s2cnn("s2cnn_cls_deep_rings")
+    assert s2cnn.count_params(s2cnn.param_shapes(rings)) == _reference_count(f, [24] + [192] * 6, [("linear", 64, 10)])
+
+
+def test_reference_grids_keep_the_duplicate_gamma():
+    from sphere_jax import grids
+
+    betas, alphas, pg = grids.so3_near_identity_grid(np.pi / 8, 8, 3, 8, max_gamma=2 * np.pi)
+    np.testing.assert_allclose(betas, np.pi / 8 * np.array([1, 2, 3]) / 3)
+    np.testing.assert_allclose(pg, np.linspace(-2 * np.pi, 2 * np.pi, 8))
+    assert len(np.unique(np.round(np.mod(pg, 2 * np.pi), 9) % np.round(2 * np.pi, 9))) == 7  # 0 twice
+    _, _, ours = grids.so3_near_identity_grid(np.pi / 8, 8, 3, 8)
+    np.testing.assert_allclose(ours, 2 * np.pi * np.arange(8) / 8)
+
+
+def test_batchnorm_head_trains_and_evaluates_differently():
+    """The deep classifier's BatchNorm statistics: batch statistics while training (and updated
+    running averages), running averages when evaluating."""
+    L = 6
+    cfg = s2cnn.S2CNNClassifierConfig(L_in=L, features=(4, 6), bandlimits=(4, 3), mlp=(5,), batchnorm=True)
+    m = s2cnn.S2CNNClassifier(cfg)
+    tables = hm.build_tables(m.table_specs())
+    x = jax.random.uniform(jax.random.key(1), (8, 2 * L, 2 * L - 1, 1))
+    v = m.init(jax.random.key(0), x, tables)
+    assert set(v) == {"params", "batch_stats"}
+    y_train, upd = m.apply(v, x, tables, train=True, mutable=["batch_stats"])
+    y_eval = m.apply(v, x, tables)
+    assert float(jnp.abs(y_train - y_eval).max()) > 1e-3
+    # PyTorch's momentum 0.1: running = 0.9 running + 0.1 batch mean, from 0: after one update
+    # 0.1 b, after two (same batch) 0.19 b
+    assert float(jnp.abs(v["batch_stats"]["bn_0"]["mean"]).max()) == 0.0
+    mean1 = np.asarray(upd["batch_stats"]["bn_0"]["mean"])
+    _, upd2 = m.apply({"params": v["params"], **upd}, x, tables, train=True, mutable=["batch_stats"])
+    mean2 = np.asarray(upd2["batch_stats"]["bn_0"]["mean"])
+    assert np.abs(mean1).max() > 1e-4
+    np.testing.assert_allclose(mean2, 1.9 * mean1, rtol=1e-4, atol=1e-7)
+
+
+def test_input_normalisation_makes_the_scale_irrelevant():
+    """``input_norm="rms"``: the same logits for a digit in [0, 1] and the same digit x 255."""
+    L = 10
+    m = s2cnn.make_s2cnn("s2cnn_cls", L_in=L)
+    tables = hm.build_tables(m.table_specs())
+    x = _digit_batch(L, rotations.euler_to_matrix(0.3, 2.0, 1.0))
+    v = m.init(jax.random.key(0), x, tables)
+    y1, y255 = m.apply(v, x, tables), m.apply(v, 255.0 * x, tables)
+    np.testing.assert_allclose(np.asarray(y255), np.asarray(y1), rtol=1e-4, atol=1e-5)
+    # the normalised signal has unit area-weighted RMS
+    from sphere_jax import grids, layers
+
+    xn = np.asarray(layers.rms_normalize(255.0 * x))[0, :, :, 0]
+    w = grids.area_weights(L)
+    assert abs(np.sqrt((w * xn**2).sum() / w.sum()) - 1.0) < 1e-5
+    assert float(jnp.abs(layers.rms_normalize(jnp.zeros_like(x))).max()) == 0.0
 
 
 def test_unknown_model_and_bad_input():
@@ -86,8 +156,12 @@ def test_classifier_is_nearly_invariant_to_general_rotations():
 
 
 def test_gradients_match_finite_differences():
+    import dataclasses
+
     L = 10
     m = s2cnn.make_s2cnn("s2cnn_cls", L_in=L)
+    # unit input scale keeps sin(logits) smooth enough for central differences with eps = 1e-2
+    m = s2cnn.S2CNNClassifier(dataclasses.replace(m.config, input_rms=1.0))
     tables = hm.build_tables(m.table_specs())
     x = jax.random.uniform(jax.random.key(1), (2, 2 * L, 2 * L - 1, 1))
     v = m.init(jax.random.key(0), x, tables)
