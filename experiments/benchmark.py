@@ -32,6 +32,10 @@ flags.DEFINE_integer("repeats", 3, "timed repetitions after warm-up (median)")
 flags.DEFINE_list("roofline_models", None, "models that also measure the transform roofline (default: S2CNN classifiers)")
 flags.DEFINE_integer("timeout", 1800, "seconds per model before it is reported as an error")
 flags.DEFINE_string("out", "benchmark_results", "output directory")
+flags.DEFINE_list("transforms_L", None, "instead of models: compare the transform implementations "
+                  "(dft, fft, s2fft) at these band-limits, e.g. 10,30,50 (writes transforms.json / .md)")
+flags.DEFINE_list("transforms", ["dft", "fft", "s2fft"], "implementations for --transforms_L")
+flags.DEFINE_integer("transform_signals", 16, "--transforms_L: batch x channels = this x 1 real signals")
 
 
 def cases():
@@ -58,7 +62,25 @@ def cases():
     return out
 
 
+def compare_transforms():
+    rows = []
+    for L in FLAGS.transforms_L:
+        for t in FLAGS.transforms:
+            case = dict(transforms=t, L=int(L), batch=FLAGS.transform_signals, channels=1, repeats=FLAGS.repeats)
+            rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+            print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(FLAGS.out, "transforms.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    table = benchmark.transforms_markdown(rows)
+    with open(os.path.join(FLAGS.out, "transforms.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
 def main(_):
+    if FLAGS.transforms_L:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return compare_transforms()
     todo = cases()
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []

@@ -32,13 +32,41 @@ def _median_time(fn, repeats):
     return float(np.median(ts))
 
 
-def _matmul_gflops(jax, jnp):
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
+def _matmul_gflops(jax, jnp, n: int | None = None):
+    """Measured float32 matmul rate (GFLOP/s) at default precision: n x n (default 8192 on an
+    accelerator, 1024 on CPU)."""
+    if n is None:
+        n = 1024 if jax.devices()[0].platform == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     t = _median_time(lambda: f(a).block_until_ready(), 5)
     return 2 * n**3 / t / 1e9
+
+
+def _copy_gbps(jax, jnp):
+    """Measured memory bandwidth (GB/s, bytes read + written) of a large float32 copy-like
+    elementwise op (256 MB on CPU, 4 GB on an accelerator)."""
+    n = (1 << 26) if jax.devices()[0].platform == "cpu" else (1 << 30)
+    a = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(a).block_until_ready()
+    t = _median_time(lambda: f(a).block_until_ready(), 5)
+    return 2 * 4 * n / t / 1e9
+
+
+def cost_of(compiled) -> dict:
+    """``{"gflop": ..., "gb": ...}`` from XLA's cost analysis of a compiled function (``None``
+    where the backend reports nothing)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning nothing
+        return {"gflop": None, "gb": None}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    flops, nbytes = ca.get("flops"), ca.get("bytes accessed")
+    return {"gflop": round(flops / 1e9, 3) if flops else None, "gb": round(nbytes / 1e9, 3) if nbytes else None}
 
 
 def model_task(name: str) -> str:
@@ -94,9 +122,10 @@ def run_case(case: dict) -> dict:
     L = case["L"]
     key = jax.random.key(0)
     x1 = jax.random.uniform(key, (1, 2 * L, 2 * L - 1, 1))
-    params = jax.jit(model.init)(key, x1, tables)["params"]
+    variables = jax.jit(model.init)(key, x1, tables)
+    params, model_state = train.split_variables(variables)
     predict = train.make_predict(model)
-    jax.block_until_ready(predict(params, tables, x1))
+    jax.block_until_ready(predict(variables, tables, x1))
     first_use = time.perf_counter() - t0
     out = {
         "model": case["model"],
@@ -111,13 +140,13 @@ def run_case(case: dict) -> dict:
     for b in case["infer_batches"]:
         x = jax.random.uniform(key, (b, 2 * L, 2 * L - 1, 1))
         t = time.perf_counter()
-        jax.block_until_ready(predict(params, tables, x))
+        jax.block_until_ready(predict(variables, tables, x))
         out.setdefault("compile_s", {})[str(b)] = round(time.perf_counter() - t, 2)
-        out["infer_s"][str(b)] = _median_time(lambda: jax.block_until_ready(predict(params, tables, x)), case["repeats"])
+        out["infer_s"][str(b)] = _median_time(lambda: jax.block_until_ready(predict(variables, tables, x)), case["repeats"])
     tb = case["train_batch"]
     if tb:
         step = train.make_train_step(model, task)
-        state = train.TrainState.create(params, optax.adam(1e-3))
+        state = train.TrainState.create(params, optax.adam(1e-3), model_state)
         x = jax.random.uniform(key, (tb, 2 * L, 2 * L - 1, 1))
         y = (
             jax.random.randint(key, (tb,), 0, 10)
@@ -135,8 +164,21 @@ def run_case(case: dict) -> dict:
         out["train_compile_s"] = round(time.perf_counter() - t, 2)
         out["train_batch"] = tb
         out["train_step_s"] = _median_time(one, case["repeats"])
+        if case.get("cost", True):
+            cost = cost_of(step.lower(holder["s"], tables, x, y).compile())
+            out["step_gflop"], out["step_gb"] = cost["gflop"], cost["gb"]
+            if cost["gflop"]:
+                out["achieved_tflops"] = round(cost["gflop"] / out["train_step_s"] / 1e3, 3)
+            if cost["gb"]:
+                out["achieved_gbps"] = round(cost["gb"] / out["train_step_s"], 1)
+            out["matmul_gflops"] = round(_matmul_gflops(jax, jnp), 1)
+            out["copy_gbps"] = round(_copy_gbps(jax, jnp), 1)
+            if cost["gflop"]:
+                out["flops_fraction"] = round(out["achieved_tflops"] * 1e3 / out["matmul_gflops"], 4)
+            if cost["gb"]:
+                out["bandwidth_fraction"] = round(out["achieved_gbps"] / out["copy_gbps"], 4)
     if case.get("roofline"):
-        out["matmul_gflops"] = round(_matmul_gflops(jax, jnp), 1)
+        out.setdefault("matmul_gflops", round(_matmul_gflops(jax, jnp), 1))
         out.update(_transform_rates(case["L"], jax, jnp, hm))
         out.update(_s2_rates(case["L"], jax, jnp, hm))
         out["roofline_fraction"] = {
@@ -179,6 +221,67 @@ def _s2_rates(L, jax, jnp, hm, B=16, C=16):
     return {"s2_fwd_s": tf, "s2_inv_s": ti, "s2_fwd_gflops": round(flops / tf / 1e9, 2), "s2_inv_gflops": round(flops / ti / 1e9, 2)}
 
 
+def transforms_case(case: dict) -> dict:
+    """Time one transform implementation (``case["transforms"]``: "dft", "fft" or "s2fft", see
+    :func:`sphere_jax.harmonics.transforms`) at band-limit ``case["L"]`` on ``batch x channels``
+    real signals: first use (tables + compile + first call of the four transforms), then medians
+    of the S2 and SO(3) forward / inverse transforms, and the peak memory (device memory on an
+    accelerator, RSS on CPU)."""
+    os.environ["SPHERE_JAX_TRANSFORMS"] = case["transforms"]
+    import jax
+    import jax.numpy as jnp
+
+    from sphere_jax import harmonics as hm
+
+    L, B, C = case["L"], case.get("batch", 4), case.get("channels", 4)
+    t0 = time.perf_counter()
+    specs = {**hm.table_specs("s2", L, True), **hm.table_specs("s2", L, False),
+             **hm.table_specs("so3", L, True), **hm.table_specs("so3", L, False)}
+    t = hm.build_tables(specs)
+    jax.block_until_ready(t)
+    tables_s = time.perf_counter() - t0
+    key = jax.random.key(0)
+    x2 = jax.random.uniform(key, (B, 2 * L, 2 * L - 1, C))
+    x3 = jax.random.uniform(key, (B, 2 * L - 1, 2 * L, 2 * L - 1, C))
+    s2f = jax.jit(lambda x, k: hm.s2_forward_half(x, k))
+    s2i = jax.jit(lambda c, k: hm.s2_inverse_half(c, k))
+    so3f = jax.jit(lambda x, k: hm.so3_forward_half(x, k))
+    so3i = jax.jit(lambda c, k: hm.so3_inverse_half(c, k))
+    c2 = s2f(x2, t[hm.s2_key(L, True)])
+    jax.block_until_ready(s2i(c2, t[hm.s2_key(L, False)]))
+    c3 = so3f(x3, t[hm.so3_key(L, True)])
+    jax.block_until_ready(so3i(c3, t[hm.so3_key(L, False)]))
+    out = {"transforms": case["transforms"], "L": L, "batch": B, "channels": C, "tables_s": round(tables_s, 2),
+           "first_use_s": round(time.perf_counter() - t0, 2), "device": jax.devices()[0].device_kind}
+    r = case.get("repeats", 3)
+    out["s2_fwd_s"] = _median_time(lambda: jax.block_until_ready(s2f(x2, t[hm.s2_key(L, True)])), r)
+    out["s2_inv_s"] = _median_time(lambda: jax.block_until_ready(s2i(c2, t[hm.s2_key(L, False)])), r)
+    out["so3_fwd_s"] = _median_time(lambda: jax.block_until_ready(so3f(x3, t[hm.so3_key(L, True)])), r)
+    out["so3_inv_s"] = _median_time(lambda: jax.block_until_ready(so3i(c3, t[hm.so3_key(L, False)])), r)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_device_gb"] = round(stats["peak_bytes_in_use"] / 1e9, 3)
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    return out
+
+
+def transforms_markdown(rows: list[dict]) -> str:
+    """Side-by-side table of :func:`transforms_case` rows."""
+    head = ("| transforms | L | signals | tables s | first use s | S2 fwd / inv s | SO(3) fwd / inv s | peak memory GB | "
+            "device |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        if "error" in r:
+            body += f"| {r.get('transforms')} | {r['L']} | error: {r['error']} | | | | | | |\n"
+            continue
+        mem = r.get("peak_device_gb", r["peak_rss_gb"])
+        body += (f"| {r['transforms']} | {r['L']} | {r['batch']} x {r['channels']} | {r['tables_s']} | {r['first_use_s']} | "
+                 f"{_fmt_s(r['s2_fwd_s'])} / {_fmt_s(r['s2_inv_s'])} | {_fmt_s(r['so3_fwd_s'])} / {_fmt_s(r['so3_inv_s'])} | "
+                 f"{mem} | {r['device']} |\n")
+    return head + body
+
+
 def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ)
     try:
@@ -187,13 +290,14 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"model": case["model"], "L": case["L"], "error": [f"timed out after {timeout} s"]}
+        return {"model": case.get("model"), "transforms": case.get("transforms"), "L": case["L"],
+                "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         # the exception line, not JAX's "removed its internal frames" notice
         errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
-        return {"model": case["model"], "L": case["L"], "error": errs[-1:]}
+        return {"model": case.get("model"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 
@@ -203,20 +307,26 @@ def _fmt_s(v: float) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """One table row per benchmark row (one per model unless a model was measured twice)."""
-    head = ("| model | L | params | first use s | infer s (batch) | train step s (batch) | peak RSS GB | "
-            "transform / matmul rate | device |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | L | params | first use s | infer s (batch) | train step s (batch) | step GFLOP / GB | "
+            "FLOP/s, bytes/s (fraction of matmul, copy) | peak RSS GB | transform / matmul rate | device |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
         if "error" in r:
-            body += f"| {r['model']} | {r['L']} | error: {r['error']} | | | | | | |\n"
+            body += f"| {r['model']} | {r['L']} | error: {r['error']} | | | | | | | | |\n"
             continue
         inf = ", ".join(f"{_fmt_s(v)} ({b})" for b, v in r["infer_s"].items())
         tr = f"{_fmt_s(r['train_step_s'])} ({r['train_batch']})" if "train_step_s" in r else "-"
         roof = "-"
         if "roofline_fraction" in r:
             roof = ", ".join(f"{k} {v:.3f}" for k, v in r["roofline_fraction"].items()) + f" of {r['matmul_gflops']} GFLOP/s"
-        body += (f"| {r['model']} | {r['L']} | {r['params']:,} | {r['first_use_s']} | {inf} | {tr} | {r['peak_rss_gb']} | "
-                 f"{roof} | {r['device']} |\n")
+        cost = f"{r['step_gflop']} / {r['step_gb']}" if r.get("step_gflop") is not None else "-"
+        rate = "-"
+        if r.get("achieved_tflops") is not None:
+            rate = (f"{r['achieved_tflops']} TFLOP/s ({r.get('flops_fraction', 0):.3f}), "
+                    f"{r.get('achieved_gbps', '-')} GB/s ({r.get('bandwidth_fraction', 0):.3f})")
+        body += (f"| {r['model']} | {r['L']} | {r['params']:,} | {r['first_use_s']} | {inf} | {tr} | {cost} | {rate} | "
+                 f"{r['peak_rss_gb']} | {roof} | {r['device']} |\n")
     return head + body
 
 
@@ -261,4 +371,5 @@ def plot_latency(rows: list[dict], path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_case(json.loads(sys.argv[1]))))
+    _case = json.loads(sys.argv[1])
+    print(json.dumps(transforms_case(_case) if "transforms" in _case else run_case(_case)))

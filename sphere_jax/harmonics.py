@@ -116,18 +116,70 @@ def so3_table(L: int, N: int, forward: bool) -> np.ndarray:
     return np.ascontiguousarray(k, dtype=np.float32)
 
 
+TRANSFORMS = ("dft", "fft", "s2fft")
+# Per platform. GPU: "fft", because XLA's GPU GEMM autotuner (jax 0.11.2, H100 and H200) finds
+# no Triton configuration for the "dft" variant's Wigner-table contractions at the classifiers'
+# small band-limits ("Failed to get configs ... No candidates could be compiled"; the failing
+# dots are "ntlm,bntmc->bnlmc" and its transposes), while the FFT variant compiles for every
+# model. Measured on an H200 (batch-32 training steps): Cohen classifier 1.06 ms with "fft",
+# 1.46 ms with "dft" and Triton GEMMs disabled; deep classifier 13.0 / 12.1 ms.
+DEFAULT_TRANSFORMS = {"cpu": "dft", "gpu": "fft", "cuda": "fft", "rocm": "fft", "tpu": "dft"}
+
+
+def transforms() -> str:
+    """Which implementation the S2 / SO(3) transforms use, read when tables are specified and
+    when a function is traced:
+
+    * ``"dft"``: ours; SO(3) azimuthal sums as real DFT matrix products (the default);
+    * ``"fft"``: ours; SO(3) azimuthal sums as complex FFTs;
+    * ``"s2fft"``: s2fft's own precompute transforms (``s2fft.precompute_transforms``,
+      ``method="jax"``, ``"dh"`` sampling, vmapped over batch and channels) with kernels from
+      s2fft's constructors.
+
+    Set by the environment variable ``SPHERE_JAX_TRANSFORMS`` (``SPHERE_JAX_SO3_TRANSFORM`` is
+    read too, for older scripts); otherwise :data:`DEFAULT_TRANSFORMS` of the default backend.
+    Build tables and apply the model under the same setting.
+    """
+    m = os.environ.get("SPHERE_JAX_TRANSFORMS") or os.environ.get("SPHERE_JAX_SO3_TRANSFORM")
+    if m is None:
+        return DEFAULT_TRANSFORMS.get(jax.default_backend(), "dft")
+    if m not in TRANSFORMS:
+        raise ValueError(f"SPHERE_JAX_TRANSFORMS={m!r}; choose one of {TRANSFORMS}")
+    return m
+
+
+def _prefix() -> str:
+    return "s2fft_" if transforms() == "s2fft" else ""
+
+
 def s2_key(L: int, forward: bool) -> str:
-    return f"s2_{'fwd' if forward else 'inv'}_L{L}"
+    return f"{_prefix()}s2_{'fwd' if forward else 'inv'}_L{L}"
 
 
 def so3_key(L: int, forward: bool) -> str:
-    return f"so3_{'fwd' if forward else 'inv'}_L{L}"
+    return f"{_prefix()}so3_{'fwd' if forward else 'inv'}_L{L}"
+
+
+def _s2fft_s2_kernel(L: int, forward: bool):
+    from s2fft.precompute_transforms import construct
+
+    return np.asarray(construct.spin_spherical_kernel_jax(L, 0, reality=True, sampling="dh", forward=forward), np.float32)
+
+
+def _s2fft_so3_kernel(L: int, forward: bool):
+    from s2fft.precompute_transforms import construct
+
+    return np.asarray(construct.wigner_kernel_jax(L, L, reality=True, sampling="dh", forward=forward), np.float32)
 
 
 def table_specs(kind: str, L: int, forward: bool) -> dict[str, "callable"]:
     """``{key: builder}`` for one transform table; models merge these into their table specs."""
+    s2fft = transforms() == "s2fft"
     if kind == "s2":
-        return {s2_key(L, forward): functools.partial(s2_table, L, forward)}
+        build = _s2fft_s2_kernel if s2fft else s2_table
+        return {s2_key(L, forward): functools.partial(build, L, forward)}
+    if s2fft:
+        return {so3_key(L, forward): functools.partial(_s2fft_so3_kernel, L, forward)}
     return {so3_key(L, forward): functools.partial(so3_table, L, L, forward)}
 
 
@@ -144,6 +196,19 @@ def kernel_d_spec(L: int, betas) -> dict[str, "callable"]:
     """Spec of the d-matrices ``[L, 2L-1, 2L-1, nb]`` of a filter grid's rings (see :func:`wigner_d`)."""
     betas = tuple(float(b) for b in np.atleast_1d(betas))
     return {kernel_d_key(L, betas): functools.partial(_kernel_d, L, betas)}
+
+
+def table_shape(key: str) -> tuple[int, ...]:
+    """Shape of the table named ``key`` (see :func:`s2_key`, :func:`so3_key`, :func:`kernel_d_key`),
+    without building it."""
+    parts = key.removeprefix("s2fft_").split("_")
+    if parts[0] == "kd":
+        L = int(parts[1][1:])
+        return (L, 2 * L - 1, 2 * L - 1, len(parts) - 2)
+    L = int(parts[2][1:])
+    if parts[0] == "s2":
+        return (2 * L, L, L)
+    return (L, 2 * L, L, 2 * L - 1)
 
 
 def build_tables(specs: Mapping[str, "callable"]) -> dict[str, jax.Array]:
@@ -175,10 +240,21 @@ def _check_so3(f, L, N):
         )
 
 
+def _vmap_bc(fn, x):
+    """Apply ``fn`` to every ``x[b, ..., c]`` (channels last in and out)."""
+    y = jax.vmap(jax.vmap(fn))(jnp.moveaxis(x, -1, 1))
+    return jnp.moveaxis(y, 1, -1)
+
+
 def s2_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
     """Real S2 signal ``[B, 2L, 2L-1, C]`` -> coefficients ``m >= 0``: ``[B, L, L, C]`` ``[:, l, m]``."""
     L = table.shape[1]
     _check_s2(f, L)
+    if transforms() == "s2fft":
+        from s2fft.precompute_transforms import spherical
+
+        fwd = lambda x: spherical.forward(x, L, 0, table, sampling="dh", reality=True, method="jax")
+        return _vmap_bc(fwd, f)[:, :, L - 1 :]
     ftm = jnp.fft.rfft(f, axis=2)  # [B, t, m>=0, C]
     return jnp.einsum("tlm,btmc->blmc", table.astype(ftm.dtype), ftm)
 
@@ -186,6 +262,11 @@ def s2_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
 def s2_inverse_half(flm: jax.Array, table: jax.Array) -> jax.Array:
     """Coefficients ``m >= 0`` ``[B, L, L, C]`` -> real S2 signal ``[B, 2L, 2L-1, C]``."""
     L = table.shape[1]
+    if transforms() == "s2fft":
+        from s2fft.precompute_transforms import spherical
+
+        inv = lambda c: jnp.real(spherical.inverse(c, L, 0, table, sampling="dh", reality=True, method="jax"))
+        return _vmap_bc(inv, s2_half_to_full(flm))
     ftm = jnp.einsum("tlm,blmc->btmc", table.astype(flm.dtype), flm)
     return jnp.fft.irfft(ftm, n=2 * L - 1, axis=2, norm="forward")
 
@@ -225,23 +306,20 @@ def _dft_mats(L: int, N: int) -> tuple[np.ndarray, ...]:
     return f32(np.cos(am)), f32(np.sin(am)), f32(np.cos(gn)), f32(np.sin(gn))
 
 
-SO3_METHODS = ("dft", "fft")
-
-
 def _so3_method() -> str:
-    """How the SO(3) transforms do their azimuthal sums: ``"dft"`` (real matrix products, the
-    default) or ``"fft"`` (complex FFTs), from the environment variable
-    ``SPHERE_JAX_SO3_TRANSFORM``; read when a function is traced."""
-    m = os.environ.get("SPHERE_JAX_SO3_TRANSFORM", "dft")
-    if m not in SO3_METHODS:
-        raise ValueError(f"SPHERE_JAX_SO3_TRANSFORM={m!r}; choose one of {SO3_METHODS}")
-    return m
+    """The SO(3) transforms' implementation (see :func:`transforms`)."""
+    return transforms()
 
 
 def so3_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
     """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> half coefficients ``[B, N, L, 2L-1, C]``."""
     N, _, L, _ = table.shape
     _check_so3(f, L, N)
+    if _so3_method() == "s2fft":
+        from s2fft.precompute_transforms import wigner
+
+        fwd = lambda x: wigner.forward(x, L, N, table, sampling="dh", reality=True, method="jax")
+        return _vmap_bc(fwd, f)[:, N - 1 :]
     if _so3_method() == "fft":
         fban = jnp.fft.rfft(f, axis=1)  # gamma -> n >= 0
         fban = jnp.fft.fftshift(jnp.fft.fft(fban, axis=3), axes=3)  # alpha -> m
@@ -277,6 +355,11 @@ def so3_forward(f: jax.Array, table: jax.Array) -> jax.Array:
 def so3_inverse_half(flmn_half: jax.Array, table: jax.Array) -> jax.Array:
     """Half coefficients ``[B, N, L, 2L-1, C]`` of a real signal -> ``[B, 2N-1, 2L, 2L-1, C]``."""
     N, _, L, _ = table.shape
+    if _so3_method() == "s2fft":
+        from s2fft.precompute_transforms import wigner
+
+        inv = lambda c: jnp.real(wigner.inverse(c, L, N, table, sampling="dh", reality=True, method="jax"))
+        return _vmap_bc(inv, so3_half_to_full(flmn_half))
     if _so3_method() == "fft":
         fnab = jnp.einsum("ntlm,bnlmc->bntmc", table.astype(flmn_half.dtype), flmn_half)
         fnab = jnp.fft.ifft(jnp.fft.ifftshift(fnab, axes=3), axis=3, norm="forward")  # m -> alpha

@@ -52,13 +52,37 @@ def test_s2_round_trip(L):
 @pytest.mark.parametrize("method", ["dft", "fft"])
 @pytest.mark.parametrize("L", [5, 10])
 def test_so3_round_trip(L, method, monkeypatch):
-    monkeypatch.setenv("SPHERE_JAX_SO3_TRANSFORM", method)
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", method)
     rng = np.random.default_rng(2)
     flmn = s2fft.utils.signal_generator.generate_flmn(rng, L, L, reality=True)
     x = hm.so3_inverse(jnp.asarray(flmn, jnp.complex64)[None, ..., None], jnp.asarray(hm.so3_table(L, L, False)))
     assert x.shape == (1, 2 * L - 1, 2 * L, 2 * L - 1, 1)
     f2 = hm.so3_forward(x, jnp.asarray(hm.so3_table(L, L, True)))
     assert rel(f2[0, ..., 0], flmn) < 1e-5
+
+
+def test_s2fft_backend_equals_ours(monkeypatch):
+    """SPHERE_JAX_TRANSFORMS=s2fft: s2fft's own precompute transforms and kernels give our
+    coefficients and signals (batch and channels vmapped), forward and inverse, S2 and SO(3)."""
+    L = 6
+    rng = np.random.default_rng(3)
+    flm = np.stack([O.random_flm(L, s) for s in range(3)])  # [3, L, 2L-1]
+    x = jnp.asarray(np.stack([O.eval_s2(f, L, grids.s2_points(L)) for f in flm], -1)[None], jnp.float32)  # [1, T, P, 3]
+    flmn = s2fft.utils.signal_generator.generate_flmn(rng, L, L, reality=True)
+    g = jnp.asarray(np.stack([flmn, 0.5 * flmn], -1)[None, :, :, :], jnp.complex64)  # [1, 2N-1, L, 2L-1, 2]
+    out = {}
+    for method in ("dft", "s2fft"):
+        monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", method)
+        t = hm.build_tables({**hm.table_specs("s2", L, True), **hm.table_specs("s2", L, False),
+                             **hm.table_specs("so3", L, True), **hm.table_specs("so3", L, False)})
+        assert set(t) == {hm.s2_key(L, True), hm.s2_key(L, False), hm.so3_key(L, True), hm.so3_key(L, False)}
+        c = hm.s2_forward_half(x, t[hm.s2_key(L, True)])
+        f3 = hm.so3_inverse(g, t[hm.so3_key(L, False)])
+        out[method] = (c, hm.s2_inverse_half(c, t[hm.s2_key(L, False)]), f3, hm.so3_forward_half(f3, t[hm.so3_key(L, True)]))
+    assert hm.s2_key(L, True).startswith("s2fft_") and hm.table_shape(hm.so3_key(L, True)) == (L, 2 * L, L, 2 * L - 1)
+    for a, b in zip(out["dft"], out["s2fft"]):
+        assert a.shape == b.shape and rel(b, a) < 1e-5
+    assert rel(out["s2fft"][1], x) < 1e-5  # and the round trip holds
 
 
 def test_transform_shape_errors():
@@ -215,3 +239,19 @@ def test_layers_are_equivariant_to_general_rotations(s2_signal):
     out_flm = np.asarray(hm.s2_forward(jnp.asarray(out[None, ..., None]), jnp.asarray(hm.s2_table(L, True))))[0, ..., 0]
     expected = _rotate_s2_signal(out_flm, L, L, rot)
     assert rel(out_r, expected) < 1e-4
+
+
+def test_models_give_the_same_logits_with_s2fft_transforms(monkeypatch):
+    from sphere_jax.models import s2cnn
+
+    L = 6
+    cfg = s2cnn.S2CNNSegmenterConfig(L_in=L, s2_features=3, s2_bandlimit=5, so3_features=(4,), so3_bandlimits=(6,), L_out=L)
+    m = s2cnn.S2CNNSegmenter(cfg)
+    x = jax.random.uniform(jax.random.key(0), (2, 2 * L, 2 * L - 1, 1))
+    logits = {}
+    for method in ("dft", "s2fft"):
+        monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", method)
+        tables = hm.build_tables(m.table_specs())
+        v = m.init(jax.random.key(1), x, tables)
+        logits[method] = m.apply(v, x, tables)
+    assert rel(logits["s2fft"], logits["dft"]) < 1e-5
