@@ -17,6 +17,8 @@ flags.DEFINE_enum("dataset", "mnist", list(digits.DATASETS), "Digit dataset (for
 flags.DEFINE_enum("source", "tfds", ["tfds", "synthetic"], "tfds: load_digits; synthetic: built-in test patterns.")
 flags.DEFINE_enum("split", "test", list(digits.SPLITS), "Split to draw the digits from.")
 flags.DEFINE_integer("digits_per_image", 1, "Digits per spherical image.", lower_bound=1)
+flags.DEFINE_float("min_separation_deg", 90.0, "Several digits: smallest angle between digit centres (0: independent).")
+flags.DEFINE_float("digit_scale", 1.0, "Digit size on the sphere (1: the study's projection).")
 flags.DEFINE_boolean("rotate", True, "Random rotations (R); false: canonical digits at the south pole (NR).")
 flags.DEFINE_integer("L", 30, "Band-limit: dh grid of 2L x (2L - 1).", lower_bound=2)
 flags.DEFINE_integer("num", 6, "Number of samples to draw.", lower_bound=1)
@@ -41,12 +43,27 @@ def main(argv):
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
             return 1
         names = digits.CLASS_NAMES[FLAGS.dataset]
-    config = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.num, digits_per_image=FLAGS.digits_per_image,
-                                   rotate=FLAGS.rotate, copies=None)
-    x, labels, mask = pipeline.DigitStream(images, labels, config, seed=FLAGS.seed).batch(0)
+    try:
+        config = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.num, digits_per_image=FLAGS.digits_per_image,
+                                       rotate=FLAGS.rotate, copies=None, min_separation_deg=FLAGS.min_separation_deg,
+                                       digit_scale=FLAGS.digit_scale)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stream = pipeline.DigitStream(images, labels, config, seed=FLAGS.seed)
+    x, labels, mask = stream.batch(0)
     plotting.plot_samples(x, mask, FLAGS.out, labels=labels, class_names=names)
+    extra = ""
+    if FLAGS.digits_per_image > 1:
+        from sphere_jax.data import sphere
+
+        digit, _ = stream._items(0, stream._order_of(0))
+        imgs = stream._images[digit].reshape(FLAGS.num, FLAGS.digits_per_image, 28, 28)
+        o = sphere.scene_overlap(imgs, labels, stream.rotations(0), FLAGS.L, digit_scale=FLAGS.digit_scale)
+        extra = (f"; {100 * o['overwritten']:.2f} % of digit pixels hidden by a later digit (worst scene "
+                 f"{100 * o['worst_scene']:.1f} %), closest centres {o['min_separation_deg']:.1f} degrees apart")
     print(f"wrote {FLAGS.out}: {FLAGS.num} samples, L={FLAGS.L}, digits_per_image={FLAGS.digits_per_image}, "
-          f"rotate={FLAGS.rotate}, source={FLAGS.source}")
+          f"rotate={FLAGS.rotate}, source={FLAGS.source}{extra}")
     return 0
 
 

@@ -121,7 +121,10 @@ def test_NR_single_digit_batches_are_the_canonical_projection(tiny):
     for step in range(4):
         x, lab, mask = (np.asarray(a) for a in s.batch(step))
         d = lab[:, 0]
-        assert np.array_equal(x, canon_x[d]) and np.array_equal(mask, canon_mask[d])  # bitwise
+        # the stream's batch and one batch of all 8 digits are different programs: equal up to float
+        # rounding (and so masks up to pixels right at the threshold)
+        np.testing.assert_allclose(x, canon_x[d], rtol=0, atol=1e-6)
+        assert (mask != canon_mask[d]).mean() <= 1e-3
     # same digit, same image in every epoch
     e0, e1 = epoch_items(s, range(2)), epoch_items(s, range(2, 4))
     assert e0 == e1
@@ -143,7 +146,8 @@ def test_eval_batches_are_fixed_and_complete():
     assert len(other) == 2
     xa = np.concatenate([np.asarray(b[0]) for b in first])
     xb = np.concatenate([np.asarray(b[0]) for b in other])
-    assert np.array_equal(xa, xb)
+    # batches of 4 and of 5 are different XLA programs: equal up to float rounding, not bitwise
+    np.testing.assert_allclose(xa, xb, rtol=0, atol=1e-6)
     xc = np.concatenate([np.asarray(b[0]) for b in pipeline.eval_batches(images, labels, cfg, seed=1)])
     assert not np.allclose(xa, xc)
     # k = 2: scene i holds digits 2i and 2i + 1; a leftover digit is dropped

@@ -246,20 +246,22 @@ def test_identity_rotation_reproduces_NR_exactly():
     direct = np.stack([np.asarray(sphere.project_digit(jnp.asarray(im), jnp.eye(3), P)) for im in img])
     x, _ = sphere.spherical_batch(jnp.asarray(img[:, None]), jnp.zeros((3, 1), jnp.int32), rots, L=L)
     x = np.asarray(x)[..., 0]
-    assert np.array_equal(x, np.stack([project(im, np.eye(3), L) for im in img]))  # bitwise
+    # a batch of scenes and one digit at a time are different programs: float rounding only
+    np.testing.assert_allclose(x, np.stack([project(im, np.eye(3), L) for im in img]), rtol=0, atol=1e-6)
     assert np.abs(x - direct).max() < 1e-5
     for i in range(3):
         assert np.abs(direct[i] - oracle_project(img[i] / 255.0, np.eye(3), grids.s2_points(L))).max() < 2e-5
 
 
 def test_rotated_projection_is_canonical_projection_at_rotated_points():
-    """Definition g(x) = f(R^T x): project_digit(img, R, x) == project_digit(img, I, R^T x), bitwise."""
+    """Definition g(x) = f(R^T x): project_digit(img, R, x) == project_digit(img, I, R^T x) (up to
+    float rounding: the rotation is applied inside or outside the program)."""
     img = pipeline.synthetic_digits(1, seed=3)[0][0]
     P = sphere.projection_points(30)
     for R in rotations.random_rotations(jax.random.key(5), 4):
         a = sphere.project_digit(jnp.asarray(img), R, P)
         b = sphere.project_digit(jnp.asarray(img), jnp.eye(3), rotations.rotate_points(R.T, P.reshape(-1, 3)).reshape(P.shape))
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
 def _risbo_dls(L, beta):
@@ -404,7 +406,7 @@ def test_mask_threshold_is_on_min_max_rescaled_intensity():
     # half the contrast (float image), same mask
     half = jnp.asarray(images[:, None].astype(np.float32) / 255.0 * 0.5)
     _, m_half = sphere.spherical_batch(half, jnp.asarray(labels[:, None]), jnp.asarray(rots, jnp.float32), L=L)
-    assert np.array_equal(np.asarray(m_half), m)
+    assert (np.asarray(m_half) != m).mean() <= 1e-3  # min-max rescaling: the same mask up to threshold rounding
     # the threshold is a parameter: 0 marks every pixel above the minimum (0 here)
     _, m0 = sphere.spherical_batch(jnp.asarray(images[:, None]), jnp.asarray(labels[:, None]), jnp.asarray(rots, jnp.float32), L=L, threshold=0.0)
     assert np.array_equal(np.asarray(m0) > 0, x > 0)
@@ -446,11 +448,11 @@ def test_overlap_later_digit_wins():
     rots = np.stack([R, R])[None]
     x2, m2 = _scenes(images, np.array([[2, 7]]), rots, 20)
     x1, m1 = _scenes(images[:, :1], np.array([[2]]), rots[:, :1], 20)
-    assert np.array_equal(x2, x1)
+    np.testing.assert_allclose(x2, x1, rtol=0, atol=1e-6)  # scenes of 2 and of 1 digit: different programs
     assert (m1 > 0).sum() > 10
-    assert np.array_equal(m2, np.where(m1 > 0, 8, 0))
+    assert (m2 != np.where(m1 > 0, 8, 0)).mean() <= 1e-3
     _, m3 = _scenes(images, np.array([[7, 2]]), rots, 20)
-    assert np.array_equal(m3, np.where(m1 > 0, 3, 0))
+    assert (m3 != np.where(m1 > 0, 3, 0)).mean() <= 1e-3
 
 
 def test_from_equirectangular_resamples_a_smooth_field():
@@ -467,3 +469,53 @@ def test_from_equirectangular_resamples_a_smooth_field():
     assert np.abs(out[0, ..., 0] - ref).max() < 1e-3
     with pytest.raises(ValueError, match="batch, H, W"):
         sphere.from_equirectangular(np.zeros((4, 4)), 4)
+
+
+def test_separated_scenes_respect_the_bound_and_overlap_less():
+    """Scenes of 3 digits placed >= 90 degrees apart: every pair of centres respects the bound
+    (in the library and in a training stream), and digits hide far less of each other than
+    independently placed ones (measured on 200 MNIST-like scenes at L=30: 6.1 % -> 0.6 % of
+    digit pixels overwritten, 0.01 % with digits scaled by 0.75)."""
+    B, k = 64, 3
+    sep = np.radians(90.0)
+    keys = jax.random.split(jax.random.key(0), B)
+    rots = jax.vmap(lambda kk: sphere.separated_rotations(kk, k, sep))(keys)
+    free = jax.vmap(lambda kk: sphere.separated_rotations(kk, k, 0.0))(keys)
+    np.testing.assert_allclose(np.asarray(rots @ jnp.swapaxes(rots, -1, -2)), np.broadcast_to(np.eye(3), (B, k, 3, 3)),
+                               atol=1e-5)  # rotations
+    c = np.asarray(sphere.digit_centre(rots))
+    ang = np.degrees(np.arccos(np.clip(np.einsum("bid,bjd->bij", c, c), -1, 1)))
+    assert ang[:, ~np.eye(k, dtype=bool)].min() >= 90.0 - 1e-3
+    images, labels = pipeline.synthetic_digits(B * k, seed=4)
+    imgs, labs = jnp.asarray(images.reshape(B, k, 28, 28)), jnp.asarray(labels.reshape(B, k))
+    o_free = sphere.scene_overlap(imgs, labs, free, 16)
+    o_sep = sphere.scene_overlap(imgs, labs, rots, 16)
+    o_small = sphere.scene_overlap(imgs, labs, rots, 16, digit_scale=0.75)
+    assert o_free["min_separation_deg"] < 60 and o_sep["min_separation_deg"] >= 90.0 - 1e-3
+    # the synthetic patterns fill their whole image (rings), so they overlap more than MNIST:
+    # measured 6.7 % free, 3.5 % at 90 degrees
+    assert o_free["overwritten"] > 0.02 and o_sep["overwritten"] < 0.7 * o_free["overwritten"]
+    assert o_small["overwritten"] < 0.5 * o_sep["overwritten"]
+    # the bound is refused when no 3 points can be that far apart
+    with pytest.raises(ValueError, match="cannot be 130.0 degrees apart"):
+        sphere.separated_rotations(keys[0], 3, np.radians(130.0))
+    # a training stream of 3-digit scenes, fresh and fixed copies
+    for copies in (None, 2):
+        s = pipeline.DigitStream(images, labels, pipeline.StreamConfig(L=12, batch_size=4, digits_per_image=3,
+                                                                       copies=copies), seed=1)
+        for step in range(3):
+            c = np.asarray(sphere.digit_centre(s.rotations(step)))
+            ang = np.degrees(np.arccos(np.clip(np.einsum("bid,bjd->bij", c, c), -1, 1)))
+            assert ang[:, ~np.eye(3, dtype=bool)].min() >= 90.0 - 1e-3
+
+
+def test_digit_scale_shrinks_the_digit():
+    img = pipeline.synthetic_digits(1, seed=3)[0]
+    x1, m1 = sphere.spherical_batch(jnp.asarray(img[None]), jnp.array([[1]]), jnp.eye(3)[None, None], L=20)
+    xs, ms = sphere.spherical_batch(jnp.asarray(img[None]), jnp.array([[1]]), jnp.eye(3)[None, None], L=20,
+                                    digit_scale=0.5)
+    w = grids.area_weights(20)
+    a1, a_half = (w * (np.asarray(m1[0]) > 0)).sum(), (w * (np.asarray(ms[0]) > 0)).sum()
+    # a quarter of the plane area; on the sphere more (measured 0.40), since the projection
+    # compresses the outer parts of the full-size digit
+    assert 0.3 < a_half / a1 < 0.5

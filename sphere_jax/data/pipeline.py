@@ -14,7 +14,11 @@ Augmentation as a number (``copies``):
 * ``copies = None``: a fresh Haar-random rotation every time a digit is drawn.
 * ``rotate = False`` (NR): single digits stay canonical; ``copies`` is then irrelevant.
 
-Scenes of ``digits_per_image = k`` digits take ``k`` consecutive items of the epoch's order.
+Scenes of ``digits_per_image = k`` digits take ``k`` consecutive items of the epoch's order and
+are placed with a minimum angular separation between digit centres (``min_separation_deg``, see
+:func:`sphere_jax.data.sphere.separated_rotations`), optionally with smaller digits
+(``digit_scale``); their rotations are keyed by the scene (fresh: ``(step, scene)``; fixed
+copies: the ``(digit, copy)`` of the scene's first item), so a scene's placement is reproducible.
 
 Batches: ``(x float32 [B, 2L, 2L-1, 1], labels int32 [B, k], mask int32 [B, 2L, 2L-1])``.
 """
@@ -41,12 +45,18 @@ class StreamConfig:
     rotate: bool = True
     copies: int | None = None
     threshold: float = sphere.DEFAULT_THRESHOLD
+    min_separation_deg: float = 90.0  # scenes of several digits: smallest angle between centres
+    digit_scale: float = 1.0  # digit size on the plane (1: the study's projection)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.digits_per_image < 1:
             raise ValueError("batch_size and digits_per_image must be >= 1")
         if self.copies is not None and self.copies < 1:
             raise ValueError(f"copies must be >= 1 or None (fresh), got {self.copies}")
+        if not 0 < self.digit_scale <= 4:
+            raise ValueError(f"digit_scale must lie in (0, 4], got {self.digit_scale}")
+        if self.digits_per_image > 1:
+            sphere.separated_rotations(jax.random.key(0), self.digits_per_image, np.radians(self.min_separation_deg), 1)
 
 
 def split_holdout(images: np.ndarray, labels: np.ndarray, holdout: int | float, seed: int):
@@ -106,46 +116,77 @@ class DigitStream:
         )
         self._cached_order = (None, None)  # (epoch, device array): the shuffle is per epoch, not per step
 
-    def _make_batch(self, step, order):
+    def _items(self, step, order):
+        cfg = self.config
+        per_step = cfg.batch_size * cfg.digits_per_image
+        within = step % self.steps_per_epoch
+        items = jax.lax.dynamic_slice_in_dim(order, within * per_step, per_step)
+        return items % self.n, items // self.n  # digit, copy
+
+    def _rotations(self, step, order):
+        """Rotations ``[B, k, 3, 3]`` of the batch of ``step``."""
         cfg = self.config
         k = cfg.digits_per_image
         per_step = cfg.batch_size * k
-        within = step % self.steps_per_epoch
-        items = jax.lax.dynamic_slice_in_dim(order, within * per_step, per_step)
-        digit = items % self.n
-        copy = items // self.n
-        if cfg.rotate or k > 1:
+        shape = (cfg.batch_size, k)
+        digit, copy = self._items(step, order)
+        if k > 1:  # scenes: placement keyed by the scene
+            if cfg.copies is None or not cfg.rotate:
+                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self._rot_key, step), i))(
+                    jnp.arange(cfg.batch_size))
+            else:
+                first = lambda a: a.reshape(shape)[:, 0]
+                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(self._rot_key, d), c))(
+                    first(digit), first(copy))
+            sep = np.radians(cfg.min_separation_deg)
+            return jax.vmap(lambda kk: sphere.separated_rotations(kk, k, sep))(keys)
+        if cfg.rotate:
             if cfg.copies is None:  # fresh: key from (step, position)
                 keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self._rot_key, step), i))(
-                    jnp.arange(per_step)
-                )
+                    jnp.arange(per_step))
             else:  # fixed copies: key from (digit, copy)
                 keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(self._rot_key, d), c))(digit, copy)
-            rots = jax.vmap(rotations.random_rotations)(keys)
-        else:
-            rots = rotations.identity_rotations(per_step)
-        shape = (cfg.batch_size, k)
+            return jax.vmap(rotations.random_rotations)(keys).reshape(shape + (3, 3))
+        return rotations.identity_rotations(shape)
+
+    def _make_batch(self, step, order):
+        cfg = self.config
+        shape = (cfg.batch_size, cfg.digits_per_image)
+        digit, _ = self._items(step, order)
+        rots = self._rotations(step, order)
         imgs = self._images[digit].reshape(shape + (28, 28))
         labs = self._labels[digit].reshape(shape)
-        x, mask = sphere.spherical_batch(imgs, labs, rots.reshape(shape + (3, 3)), L=cfg.L, threshold=cfg.threshold)
+        x, mask = sphere.spherical_batch(imgs, labs, rots, L=cfg.L, threshold=cfg.threshold,
+                                         digit_scale=cfg.digit_scale)
         return x, labs, mask
 
-    def batch(self, step: int):
-        """The batch of global step ``step`` (any order, any number of times, same result)."""
+    def _order_of(self, step: int):
         epoch = int(step) // self.steps_per_epoch
         if self._cached_order[0] != epoch:
             self._cached_order = (epoch, self._order(jnp.asarray(epoch, jnp.int32)))
-        return self._batch(jnp.asarray(step, jnp.int32), self._cached_order[1])
+        return self._cached_order[1]
+
+    def rotations(self, step: int) -> jax.Array:
+        """The rotations ``[B, k, 3, 3]`` of the batch of ``step`` (digit centres: see
+        :func:`sphere_jax.data.sphere.digit_centre`)."""
+        return jax.jit(self._rotations)(jnp.asarray(step, jnp.int32), self._order_of(step))
+
+    def batch(self, step: int):
+        """The batch of global step ``step`` (any order, any number of times, same result)."""
+        return self._batch(jnp.asarray(step, jnp.int32), self._order_of(step))
 
     def epoch_of(self, step: int) -> int:
         return int(step) // self.steps_per_epoch
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _scene_rotations(key, scene_ids, k):
-    """Rotations ``[len(scene_ids), k, 3, 3]`` keyed by ``(key, scene id)``."""
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _scene_rotations(key, scene_ids, k, min_separation):
+    """Rotations ``[len(scene_ids), k, 3, 3]`` keyed by ``(key, scene id)``; several digits are
+    placed at least ``min_separation`` radians apart."""
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(scene_ids)
-    return jax.vmap(lambda kk: rotations.random_rotations(kk, k))(keys)
+    if k == 1:
+        return jax.vmap(lambda kk: rotations.random_rotations(kk, k))(keys)
+    return jax.vmap(lambda kk: sphere.separated_rotations(kk, k, min_separation))(keys)
 
 
 def eval_batches(images, labels, config: StreamConfig, seed: int):
@@ -163,10 +204,11 @@ def eval_batches(images, labels, config: StreamConfig, seed: int):
         imgs = jnp.asarray(images[idx].reshape(stop - start, k, 28, 28))
         labs = jnp.asarray(labels[idx].reshape(stop - start, k), jnp.int32)
         if config.rotate or k > 1:
-            rots = _scene_rotations(rot_key, jnp.arange(start, stop), k)
+            rots = _scene_rotations(rot_key, jnp.arange(start, stop), k, float(np.radians(config.min_separation_deg)))
         else:
             rots = rotations.identity_rotations((stop - start, k))
-        x, mask = sphere.spherical_batch(imgs, labs, rots, L=config.L, threshold=config.threshold)
+        x, mask = sphere.spherical_batch(imgs, labs, rots, L=config.L, threshold=config.threshold,
+                                         digit_scale=config.digit_scale)
         yield x, labs, mask
 
 

@@ -70,13 +70,15 @@ def _bilinear(image: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
     )
 
 
-def project_digit(image: jax.Array, rotation: jax.Array, points: jax.Array) -> jax.Array:
+def project_digit(image: jax.Array, rotation: jax.Array, points: jax.Array, scale: float = 1.0) -> jax.Array:
     """Project one digit onto the sphere after rotating it.
 
     Args:
       image: ``uint8`` or float ``[28, 28]`` (uint8 is divided by 255; floats are used as is).
       rotation: ``[3, 3]`` rotation ``R``; the result is ``f(R^T x)``.
       points: unit vectors of the grid ``[..., 3]`` (see :func:`projection_points`).
+      scale: size of the digit on the plane (1: the image spans ``[-1.5, 1.5]^2``, the
+        study's projection; 0.5: ``[-0.75, 0.75]^2``, a digit of about half the angular size).
 
     Returns:
       float32 ``[...]`` intensities in ``[0, 1]`` on the grid.
@@ -90,9 +92,10 @@ def project_digit(image: jax.Array, rotation: jax.Array, points: jax.Array) -> j
     x = t * p[..., 0]
     y = t * p[..., 1]
     n = image.shape[-1]
-    scale = n / (2 * _PLANE_HALF_WIDTH)
-    u = (x + _PLANE_HALF_WIDTH) * scale - 0.5
-    v = (y + _PLANE_HALF_WIDTH) * scale - 0.5
+    half = _PLANE_HALF_WIDTH * scale
+    px = n / (2 * half)
+    u = (x + half) * px - 0.5
+    v = (y + half) * px - 0.5
     val = _bilinear(img, u, v)
     return jnp.where(p[..., 2] < 0, val, 0.0)
 
@@ -112,12 +115,14 @@ def make_scene(
     rots: jax.Array,
     points: jax.Array,
     threshold: float = DEFAULT_THRESHOLD,
+    scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Compose ``k`` digits into one spherical image and one mask.
 
     Args:
       images: ``uint8 [k, 28, 28]``; labels: ``int [k]``; rots: ``[k, 3, 3]``.
       points: grid ``[2L, 2L - 1, 3]``.
+      scale: digit size (see :func:`project_digit`).
 
     Overlaps are resolved deterministically: the image is the pixel-wise maximum of the
     digits' intensities, and where several masks claim a pixel the later digit (higher index)
@@ -129,7 +134,7 @@ def make_scene(
     def one(carry, xs):
         img_acc, mask_acc = carry
         im, lab, R = xs
-        val = project_digit(im, R, points)
+        val = project_digit(im, R, points, scale)
         m = digit_mask(val, lab, threshold)
         return (jnp.maximum(img_acc, val), jnp.where(m > 0, m, mask_acc)), None
 
@@ -139,21 +144,23 @@ def make_scene(
     return img, mask
 
 
-@functools.partial(jax.jit, static_argnames=("L", "threshold"))
+@functools.partial(jax.jit, static_argnames=("L", "threshold", "digit_scale"))
 def spherical_batch(
     images: jax.Array,
     labels: jax.Array,
     rots: jax.Array,
     L: int,
     threshold: float = DEFAULT_THRESHOLD,
+    digit_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Project a batch of (multi-digit) scenes onto the dh grid at band-limit ``L``.
 
     Args:
       images: ``uint8 [B, k, 28, 28]`` (``k`` digits per scene; ``k = 1`` for single digits).
       labels: ``int [B, k]`` digit classes 0..9.
-      rots: ``float [B, k, 3, 3]`` rotation of each digit.
+      rots: ``float [B, k, 3, 3]`` rotation of each digit (see :func:`separated_rotations`).
       L: band-limit; the grid is ``2L x (2L - 1)``.
+      digit_scale: digit size (see :func:`project_digit`).
 
     Returns:
       ``(x float32 [B, 2L, 2L - 1, 1], mask int32 [B, 2L, 2L - 1])``: channels-last images in
@@ -166,8 +173,92 @@ def spherical_batch(
             f"labels {labels.shape} / rotations {rots.shape} do not match images {images.shape}"
         )
     points = projection_points(L)
-    img, mask = jax.vmap(lambda i, l, r: make_scene(i, l, r, points, threshold))(images, labels, rots)
+    img, mask = jax.vmap(lambda i, l, r: make_scene(i, l, r, points, threshold, digit_scale))(images, labels, rots)
     return img[..., None], mask
+
+
+# ---------------------------------------------------------------------------------------
+# Scenes of several digits: placement with a minimum separation
+
+
+def digit_centre(rotation: jax.Array) -> jax.Array:
+    """Where a rotated digit sits: ``R`` applied to the south pole, ``[..., 3, 3] -> [..., 3]``."""
+    return -rotation[..., :, 2]
+
+
+def digit_radius(scale: float = 1.0, extent: float = 1.06) -> float:
+    """Angular radius (radians) of the cap holding a digit's strokes: a point at plane radius
+    ``r`` lies ``2 atan(r / 2)`` from the digit's centre; MNIST strokes reach about
+    ``r = 1.06`` (56 degrees) at ``scale = 1``, and ``r`` scales with the digit."""
+    return float(2 * np.arctan(extent * scale / 2))
+
+
+CANDIDATES = 256
+# Largest possible smallest angle between k points on the sphere (Tammes' problem), degrees.
+_TAMMES_DEG = {2: 180.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 77.87, 8: 74.86}
+
+
+def separated_rotations(key: jax.Array, k: int, min_separation: float, candidates: int = CANDIDATES) -> jax.Array:
+    """Haar-random rotations ``[k, 3, 3]`` of ``k`` digits whose centres are pairwise at least
+    ``min_separation`` radians apart.
+
+    Draws ``candidates`` independent scenes of ``k`` Haar-random rotations and keeps the first
+    whose centres are all far enough apart; if none is, the one whose closest pair is farthest
+    apart. So the scene's distribution is rotation invariant, every digit keeps a random
+    in-plane orientation, and the bound fails only if all candidates fail: for ``k = 3`` a
+    candidate succeeds with probability 0.40 at 60 degrees, 0.21 at 75 and 0.079 at 90
+    (Monte Carlo), so all 256 fail with probability < 1e-9 up to 90 degrees.
+    ``min_separation = 0`` gives independent Haar rotations.
+
+    Raises ``ValueError`` when no ``k`` points on the sphere can be that far apart.
+    """
+    if k > 1 and np.degrees(min_separation) > _TAMMES_DEG.get(k, 180.0) + 1e-6:
+        raise ValueError(f"{k} digits cannot be {np.degrees(min_separation):.1f} degrees apart "
+                         f"(at most {_TAMMES_DEG[k]} degrees)")
+    cand = rotations.random_rotations(key, (candidates, k))  # [C, k, 3, 3]
+    if min_separation <= 0 or k == 1:
+        return cand[0]
+    c = digit_centre(cand)  # [C, k, 3]
+    cos = jnp.einsum("cid,cjd->cij", c, c)
+    closest = jnp.where(jnp.eye(k, dtype=bool)[None], -1.0, cos).max(axis=(1, 2))  # [C]
+    ok = closest <= jnp.cos(min_separation)
+    idx = jnp.where(jnp.any(ok), jnp.argmax(ok), jnp.argmin(closest))
+    return cand[idx]
+
+
+def scene_overlap(images: jax.Array, labels: jax.Array, rots: jax.Array, L: int,
+                  threshold: float = DEFAULT_THRESHOLD, digit_scale: float = 1.0) -> dict:
+    """How much of a batch of scenes' digits is hidden by later digits.
+
+    Args as :func:`spherical_batch` (``images uint8 [B, k, 28, 28]``).
+
+    Returns ``{"overwritten": fraction of all digit pixels claimed by a later digit,
+    "overwritten_first": the same for the first digit of each scene, "worst_scene": the largest
+    per-scene fraction, "min_separation_deg": smallest angle between two centres of a scene}``
+    (pixels counted on the grid, unweighted).
+    """
+    points = projection_points(L)
+
+    def masks(ims, labs, Rs):
+        return jax.vmap(lambda im, lab, R: digit_mask(project_digit(im, R, points, digit_scale), lab, threshold) > 0)(
+            ims, labs, Rs)
+
+    m = jax.jit(jax.vmap(masks))(images, labels, rots)  # [B, k, H, W]
+    later = jnp.flip(jnp.cumsum(jnp.flip(m, 1), 1), 1) - m  # later digits covering each pixel
+    hidden = m & (later > 0)
+    own = m.sum(axis=(2, 3))
+    per_scene = hidden.sum(axis=(1, 2, 3)) / jnp.maximum(own.sum(axis=1), 1)
+    c = digit_centre(rots)
+    cos = jnp.einsum("bid,bjd->bij", c, c)
+    k = rots.shape[1]
+    off = ~jnp.eye(k, dtype=bool)
+    min_angle = jnp.degrees(jnp.arccos(jnp.clip(jnp.where(off, cos, -1.0).max(axis=(1, 2)), -1, 1))) if k > 1 else None
+    return {
+        "overwritten": float(hidden.sum() / jnp.maximum(own.sum(), 1)),
+        "overwritten_first": float(hidden[:, 0].sum() / jnp.maximum(own[:, 0].sum(), 1)),
+        "worst_scene": float(per_scene.max()),
+        "min_separation_deg": float(min_angle.min()) if min_angle is not None else None,
+    }
 
 
 def scene_rotations(key: jax.Array, batch: int, digits: int, rotate: bool) -> jax.Array:
