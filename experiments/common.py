@@ -4,16 +4,24 @@ import sys
 from absl import flags
 
 from sphere_jax import runner
+from sphere_jax.models import registry
 
 FLAGS = flags.FLAGS
+TASK = {}
 
 
 def define(task: str, default_model: str, models: list[str], default_L: int):
-    flags.DEFINE_enum("model", default_model, models, "model to train")
+    TASK["name"] = task
+    aliases = registry.ALIASES[task]
+    alias_help = ", ".join(f"{a} = {m}" for a, m in aliases.items())
+    flags.DEFINE_enum("model", default_model, list(aliases) + models, f"model to train ({alias_help})")
     flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "digit dataset")
     flags.DEFINE_enum("source", "tfds", list(runner.SOURCES), "tfds: prepared digits; synthetic: offline test patterns; npz: --digits_npz")
     flags.DEFINE_integer("L", default_L, "band-limit of the spherical grid (2L x 2L-1)")
     flags.DEFINE_integer("digits_per_image", 1, "digits per spherical image")
+    flags.DEFINE_float("min_separation_deg", 90.0, "several digits per image: smallest angle between digit centres")
+    flags.DEFINE_float("digit_scale", 1.0, "digit size on the sphere (1: the study's projection; 0.75 keeps "
+                       "3-digit scenes almost free of overlap)")
     flags.DEFINE_enum("train_rotation", "none", ["none", "so3"], "rotation of training digits (NR / R)")
     flags.DEFINE_enum("test_rotation", "so3", ["none", "so3"], "rotation of test digits (NR / R)")
     flags.DEFINE_string("augmentation", "1", "rotated copies per training digit (1, 2, 4, ...) or 'fresh'")
@@ -28,6 +36,8 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("checkpoint_every", 200, "steps between checkpoints")
     flags.DEFINE_integer("patience", 0, "stop after this many evaluations without improvement (0: never)")
     flags.DEFINE_integer("seed", 0, "seed of everything random")
+    flags.DEFINE_string("init_from", None, "fine-tune: start from a pretrained model's parameters "
+                        "(a name of sphere_jax.pretrained.names(), or a run's workdir)")
     flags.DEFINE_string("workdir", f"runs/{task}", "run directory (config, checkpoints, metrics)")
     flags.DEFINE_string("digits_dir", None, "directory of idx files to use instead of the installed sources")
     flags.DEFINE_string("digits_npz", None, "--source=npz: .npz with train_images/train_labels/test_images/test_labels")
@@ -47,13 +57,14 @@ def config() -> runner.RunConfig:
         except ValueError:
             fail(f"--augmentation must be a positive integer or 'fresh', got {aug!r}")
     return runner.RunConfig(
-        model=FLAGS.model, dataset=FLAGS.dataset, source=FLAGS.source, L=FLAGS.L,
+        model=registry.resolve(FLAGS.model, TASK["name"]), dataset=FLAGS.dataset, source=FLAGS.source, L=FLAGS.L,
         digits_per_image=FLAGS.digits_per_image, train_rotate=FLAGS.train_rotation == "so3",
         test_rotate=FLAGS.test_rotation == "so3", copies=copies, n_train=FLAGS.n_train,
         n_holdout=FLAGS.n_holdout, n_test=FLAGS.n_test, batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate, steps=FLAGS.steps, eval_every=FLAGS.eval_every,
         checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience, seed=FLAGS.seed,
         digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir, digits_npz=FLAGS.digits_npz,
+        init_from=FLAGS.init_from, min_separation_deg=FLAGS.min_separation_deg, digit_scale=FLAGS.digit_scale,
     )
 
 

@@ -65,6 +65,15 @@ class RunConfig:
     digits_dir: str | None = None
     data_dir: str | None = None
     digits_npz: str | None = None  # source="npz": train_images/train_labels/test_images/test_labels
+    init_from: str | None = None  # fine-tune: start from these parameters (a pretrained name or a workdir)
+    min_separation_deg: float = 90.0  # scenes of several digits: smallest angle between digit centres
+    digit_scale: float = 1.0  # digit size on the sphere (1: the study's projection)
+
+    def stream_config(self, rotate: bool, copies: int | None = None):
+        """The :class:`~sphere_jax.data.pipeline.StreamConfig` of this run's digits."""
+        return pipeline.StreamConfig(L=self.L, batch_size=self.batch_size, digits_per_image=self.digits_per_image,
+                                     rotate=rotate, copies=copies, min_separation_deg=self.min_separation_deg,
+                                     digit_scale=self.digit_scale)
 
     def validate(self) -> None:
         names = registry.model_names()
@@ -79,17 +88,23 @@ class RunConfig:
                 raise RunError(f"--{field} must be >= 1, got {getattr(self, field)}")
         if self.copies is not None and self.copies < 1:
             raise RunError("--copies must be >= 1 (or 'fresh')")
-        if self.source == "npz" and not (self.digits_npz and os.path.exists(self.digits_npz)):
-            raise RunError(f"--source=npz needs --digits_npz=FILE (an existing .npz), got {self.digits_npz!r}")
+        if self.source == "npz" and not (self.digits_npz and os.path.exists(_npz_path(self))):
+            raise RunError(f"--source=npz needs --digits_npz=FILE (an existing .npz; '{{dataset}}' in it is "
+                           f"replaced by the dataset), got {self.digits_npz!r}")
+
+
+def _npz_path(cfg: RunConfig) -> str | None:
+    """``digits_npz`` with ``{dataset}`` replaced by the run's dataset (one pattern for a grid)."""
+    return cfg.digits_npz.replace("{dataset}", cfg.dataset) if cfg.digits_npz else None
 
 
 def _npz(cfg: RunConfig, split: str):
     """Digits of a split from a user's ``.npz`` (``{split}_images uint8 [n, 28, 28]``, ``{split}_labels``)."""
-    with np.load(cfg.digits_npz) as z:
+    with np.load(_npz_path(cfg)) as z:
         try:
             return np.asarray(z[f"{split}_images"], np.uint8), np.asarray(z[f"{split}_labels"], np.int32)
         except KeyError:
-            raise RunError(f"{cfg.digits_npz} lacks {split}_images / {split}_labels (has {sorted(z.files)})") from None
+            raise RunError(f"{_npz_path(cfg)} lacks {split}_images / {split}_labels (has {sorted(z.files)})") from None
 
 
 def _load_test(cfg: RunConfig):
@@ -137,6 +152,60 @@ def _model(cfg: RunConfig):
     return model, task
 
 
+@dataclasses.dataclass
+class RunSetup:
+    """The pieces of one run that are built once and shared by :func:`fit`,
+    :func:`evaluate_workdir` and :func:`restore_variables`: so a run compiles its predict
+    function once and builds its transform tables once.
+
+    Attributes:
+      cfg: the run's configuration.
+      model, task: the model and its task ("classify" | "segment").
+      mesh: the 1-D device mesh (axis "data").
+      tables: the model's transform tables, replicated over the mesh.
+      predict: ``predict(variables, tables, x) -> logits``, jit-compiled.
+    """
+
+    cfg: RunConfig
+    model: Any
+    task: str
+    mesh: Any
+    tables: dict
+    predict: Any
+    _test_data: Any = None
+
+    @classmethod
+    def build(cls, cfg: RunConfig, mesh=None) -> "RunSetup":
+        model, task = _model(cfg)
+        mesh = mesh or train.make_mesh()
+        tables = train.replicate(mesh, harmonics.build_tables(model.table_specs()))
+        return cls(cfg, model, task, mesh, tables, train.make_predict(model))
+
+    def with_config(self, cfg: RunConfig) -> "RunSetup":
+        """The same model and compiled functions for a config that differs only in evaluation
+        settings (test rotation, test digits); the test digits are kept when they are the same."""
+        same_digits = dataclasses.replace(cfg, test_rotate=self.cfg.test_rotate) == self.cfg
+        return dataclasses.replace(self, cfg=cfg, _test_data=self._test_data if same_digits else None)
+
+    def sample_input(self) -> jax.Array:
+        return jnp.zeros((1, 2 * self.cfg.L, 2 * self.cfg.L - 1, 1))
+
+    def init_variables(self, key) -> dict:
+        try:
+            return jax.jit(self.model.init)(key, self.sample_input(), self.tables)
+        except ValueError as e:  # e.g. an input too small for a CNN's valid convolutions
+            raise RunError(f"{self.cfg.model} cannot take band-limit L={self.cfg.L}: {str(e).splitlines()[0]}") from None
+
+    def abstract_variables(self) -> dict:
+        return jax.eval_shape(lambda: self.model.init(jax.random.key(0), self.sample_input(), self.tables))
+
+    def test_data(self):
+        """The run's test digits ``(uint8 [n, 28, 28], int32 [n])``, loaded once."""
+        if self._test_data is None:
+            self._test_data = _load_test(self.cfg)
+        return self._test_data
+
+
 def _check_workdir(workdir: str, cfg: RunConfig) -> None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
@@ -147,6 +216,7 @@ def _check_workdir(workdir: str, cfg: RunConfig) -> None:
                 theirs = json.load(f)
             except json.JSONDecodeError:
                 raise RunError(f"{path} is not valid JSON; use a new --workdir") from None
+        theirs = {**dataclasses.asdict(RunConfig()), **theirs}  # fields added since: their defaults
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -198,8 +268,8 @@ def _append_jsonl(workdir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate_params(predict, task, params, tables, images, labels, stream_cfg, seed) -> dict:
-    """Metrics of ``params`` on a fixed (rotated or not) set of digits.
+def evaluate_params(predict, task, variables, tables, images, labels, stream_cfg, seed) -> dict:
+    """Metrics of a model's ``variables`` (or params alone) on a fixed (rotated or not) set of digits.
 
     ``predict`` is ``train.make_predict(model)``, made once per run so it compiles once.
 
@@ -209,14 +279,14 @@ def evaluate_params(predict, task, params, tables, images, labels, stream_cfg, s
     if task == "classify":
         correct = total = 0
         for x, labs, _ in pipeline.eval_batches(images, labels, stream_cfg, seed):
-            pred = np.asarray(metrics.logits_to_pred(predict(params, tables, x)))
+            pred = np.asarray(metrics.logits_to_pred(predict(variables, tables, x)))
             correct += int((pred == np.asarray(labs[:, 0])).sum())
             total += len(pred)
         return {"accuracy": correct / max(total, 1), "n": total}
     acc = metrics.ConfusionAccumulator(sphere.NUM_CLASSES_SEG, weights=metrics.area_weights(stream_cfg.L))
     n = 0
     for x, _, mask in pipeline.eval_batches(images, labels, stream_cfg, seed):
-        acc.update(metrics.logits_to_pred(predict(params, tables, x)), mask)
+        acc.update(metrics.logits_to_pred(predict(variables, tables, x)), mask)
         n += x.shape[0]
     out = acc.result()
     out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
@@ -228,119 +298,212 @@ def _score(task, m):
     return m["accuracy"] if task == "classify" else m["miou"]
 
 
+class _Progress:
+    """Training progress that fits where it goes: a live bar on a terminal; otherwise one line
+    per evaluation (step, loss, hold-out score, steps/s, ETA), so logs stay a few dozen lines."""
+
+    def __init__(self, enabled: bool, name: str, total: int, start: int, stream=None):
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.total, self.start, self.name = total, start, name
+        self.t0 = time.time()
+        self.bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"{name} train", unit="step", dynamic_ncols=True,
+                            file=self.stream)
+
+    def step(self):
+        if self.bar:
+            self.bar.update(1)
+
+    def evaluated(self, step: int, loss: float, score_name: str, score: float):
+        if self.bar:
+            self.bar.set_postfix(loss=f"{loss:.3f}", holdout=f"{score:.3f}")
+        elif self.enabled:
+            rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"{self.name} step {step}/{self.total}  loss {loss:.4f}  hold-out {score_name} {score:.4f}  "
+                  f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min", file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def _initial_variables(setup: RunSetup, key) -> dict:
+    """Fresh variables, or those of ``cfg.init_from`` (a pretrained model's name or a workdir)."""
+    cfg = setup.cfg
+    variables = setup.init_variables(key)
+    if not cfg.init_from:
+        return variables
+    if os.path.isdir(cfg.init_from):
+        src, _, _ = restore_variables(cfg.init_from)
+    else:
+        from sphere_jax import pretrained
+
+        try:
+            card = pretrained.card(cfg.init_from)
+            _, src = pretrained.load(cfg.init_from)
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise RunError(f"--init_from={cfg.init_from!r} is neither a run's workdir nor a pretrained model: "
+                           f"{str(e).strip(chr(34))}") from None
+        if card["model"] != cfg.model or card["L"] != cfg.L:
+            raise RunError(f"--init_from={cfg.init_from!r} is {card['model']} at L={card['L']}; "
+                           f"this run is {cfg.model} at L={cfg.L}")
+    want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), variables)
+    got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), src)
+    if want != got:
+        raise RunError(f"--init_from={cfg.init_from!r}: its variables do not fit {cfg.model} at L={cfg.L}")
+    return jax.tree_util.tree_map(jnp.asarray, src)
+
+
 def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int | None = None) -> dict:
     """Train (or resume) the run in ``workdir``; returns the final test metrics.
 
-    ``_kill_at_step`` (tests only) SIGKILLs the process right after that step's checkpoint.
+    At the end the best checkpoint is evaluated on the test digits with the run's test rotation
+    (the returned record) and with the other one (canonical <-> rotated), both appended to
+    ``metrics.jsonl``. ``_kill_at_step`` (tests only) SIGKILLs the process right after that
+    step's checkpoint.
     """
     cfg.validate()
     workdir = os.path.abspath(workdir)
-    model, task = _model(cfg)
-    mesh = train.make_mesh()
+    setup = RunSetup.build(cfg)
+    task, mesh = setup.task, setup.mesh
     n_dev = mesh.devices.size
     if cfg.batch_size % n_dev:
         raise RunError(f"--batch_size={cfg.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
-    (tri, trl), (hoi, hol), (tei, tel) = _load(cfg)
+    (tri, trl), (hoi, hol), test = _load(cfg)
+    setup._test_data = test
 
-    stream_cfg = pipeline.StreamConfig(
-        L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
-        rotate=cfg.train_rotate, copies=cfg.copies,
-    )
     try:
+        stream_cfg = cfg.stream_config(cfg.train_rotate, cfg.copies)
         stream = pipeline.DigitStream(tri, trl, stream_cfg, seed=cfg.seed)
     except ValueError as e:
         raise RunError(str(e)) from None
     hold_cfg = dataclasses.replace(stream_cfg, rotate=cfg.train_rotate)
 
-    tables = train.replicate(mesh, harmonics.build_tables(model.table_specs()))
-    key = jax.random.key(cfg.seed)
-    x0 = jnp.zeros((1, 2 * cfg.L, 2 * cfg.L - 1, 1))
-    try:
-        params = jax.jit(model.init)(key, x0, tables)["params"]
-    except ValueError as e:  # e.g. an input too small for a CNN's valid convolutions
-        raise RunError(f"{cfg.model} cannot take band-limit L={cfg.L}: {str(e).splitlines()[0]}") from None
+    resuming = os.path.exists(os.path.join(workdir, "config.json"))
+    variables = setup.init_variables(jax.random.key(cfg.seed)) if resuming else _initial_variables(
+        setup, jax.random.key(cfg.seed))
+    params, model_state = train.split_variables(variables)
     tx = optax.adam(cfg.learning_rate)
-    state = train.TrainState.create(params, tx)
+    state = train.TrainState.create(params, tx, model_state)
     _check_workdir(workdir, cfg)  # only now: a run that cannot start leaves no workdir behind
     latest, best = _managers(workdir)
-    ckpt = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state}
     best_score = -math.inf
     bad_evals = 0
+    train_seconds = 0.0
     if latest.latest_step() is not None:
-        restored = _restore(latest, latest.latest_step(), ckpt(state), "latest")
+        restored = _restore(latest, latest.latest_step(), _ckpt(state), "latest")
         state = state.replace(**restored)
         if best.latest_step() is not None:
-            best_score = _best_score_from_log(workdir, task)
+            best_score, bad_evals = _best_score_from_log(workdir, task)
+        train_seconds = _seconds_from_log(workdir, int(restored["step"]))
     state = train.replicate(mesh, state)
-    step_fn = train.make_train_step(model, task)
-    predict = train.make_predict(model)
+    step_fn = train.make_train_step(setup.model, task)
 
     start = int(state.step)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.model} train", unit="step", dynamic_ncols=True)
+    _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
+                                     "device": jax.devices()[0].device_kind, "devices": n_dev,
+                                     "steps_per_epoch": stream.steps_per_epoch, "start_step": start}})
+    bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
     t0 = time.time()
     losses = []
-    stopped_early = False
-    for step in range(start, cfg.steps):
+    stopped_early = cfg.patience and bad_evals >= cfg.patience
+    for step in range(start, 0 if stopped_early else cfg.steps):
         batch = stream.batch(step)
         x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
-        state, loss = step_fn(state, tables, x, y)
+        state, loss = step_fn(state, setup.tables, x, y)
         losses.append(loss)
         done = step + 1
-        if bar:
-            bar.update(1)
+        bar.step()
         if done % cfg.eval_every == 0 or done == cfg.steps:
             mean_loss = float(jnp.mean(jnp.stack(losses)))
             losses = []
-            hold = evaluate_params(predict, task, state.params, tables, hoi, hol, hold_cfg, cfg.seed + 1)
+            hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
             score = _score(task, hold)
-            rec = {"step": done, "epoch": stream.epoch_of(step), "train_loss": mean_loss, "holdout": hold,
-                   "seconds": round(time.time() - t0, 2)}
+            rec = {"step": done, "epoch": stream.epoch_of(step), "epochs": round(done / stream.steps_per_epoch, 3),
+                   "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
             _append_jsonl(workdir, rec)
-            if bar:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", holdout=f"{score:.3f}")
+            bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
             if score > best_score:
                 best_score, bad_evals = score, 0
-                best.save(done, args=ocp.args.StandardSave(ckpt(state)), force=True)
+                best.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
                 best.wait_until_finished()
             else:
                 bad_evals += 1
             if cfg.patience and bad_evals >= cfg.patience:
                 stopped_early = True
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped_early:
-            latest.save(done, args=ocp.args.StandardSave(ckpt(state)), force=True)
+            latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
             latest.wait_until_finished()
             if _kill_at_step is not None and done >= _kill_at_step:
                 os.kill(os.getpid(), 9)
         if stopped_early:
             break
-    if bar:
-        bar.close()
-    result = evaluate_workdir(workdir, mesh=mesh, _model_task=(model, task), _tables=tables, _data=(tei, tel),
-                              _predict=predict)
-    result["stopped_early"] = stopped_early
+    bar.close()
+    end = {"stopped_early": bool(stopped_early), "final_step": int(state.step)}
+    result = evaluate_workdir(workdir, setup=setup, extra=end)
+    other = dataclasses.replace(cfg, test_rotate=not cfg.test_rotate)
+    evaluate_workdir(workdir, test_rotate=other.test_rotate, setup=setup.with_config(other), write_summary=False,
+                     extra=end)
     return result
 
 
-def _best_score_from_log(workdir, task):
-    best = -math.inf
+def _ckpt(state) -> dict:
+    """What a checkpoint holds: step, params, optimizer state (and BatchNorm statistics, if any)."""
+    out = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.model_state:
+        out["model_state"] = state.model_state
+    return out
+
+
+def _seconds_from_log(workdir, step) -> float:
+    """Training seconds logged up to ``step`` (so a resumed run's clock continues)."""
+    secs = 0.0
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         for line in open(path):
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "train_loss" in rec and rec["step"] <= step:
+                secs = max(secs, float(rec.get("seconds", 0.0)))
+    return secs
+
+
+def _best_score_from_log(workdir, task):
+    """``(best hold-out score, evaluations since it)`` from ``metrics.jsonl``."""
+    best, since = -math.inf, 0
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
             if "holdout" in rec:
-                best = max(best, _score(task, rec["holdout"]))
-    return best
+                score = _score(task, rec["holdout"])
+                if score > best:
+                    best, since = score, 0
+                else:
+                    since += 1
+    return best, since
 
 
 def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int | None = None, mesh=None,
-                     _model_task=None, _tables=None, _data=None, _predict=None) -> dict:
+                     setup: RunSetup | None = None, write_summary: bool = True, extra: dict | None = None) -> dict:
     """Restore the best (else latest) checkpoint of a run and evaluate it on the test split.
 
-    Appends ``{"test": metrics, ...}`` to ``metrics.jsonl`` and writes ``summary.md``.
+    Appends ``{"test": metrics, "test_rotate": ..., ...}`` to ``metrics.jsonl``, writes the
+    predictions figure (segmentation) and, with ``write_summary``, ``summary.md``. ``setup``
+    (from :meth:`RunSetup.build`) reuses a run's model, tables and compiled predict; ``extra``
+    is merged into the record (``fit`` adds ``stopped_early`` and ``final_step``).
     """
     workdir = os.path.abspath(workdir)
     cfg = load_config(workdir)
@@ -348,42 +511,48 @@ def evaluate_workdir(workdir: str, test_rotate: bool | None = None, n_test: int 
         cfg = dataclasses.replace(cfg, test_rotate=test_rotate)
     if n_test is not None:
         cfg = dataclasses.replace(cfg, n_test=n_test)
-    model, task = _model_task or _model(cfg)
-    mesh = mesh or train.make_mesh()
-    tables = _tables if _tables is not None else train.replicate(mesh, harmonics.build_tables(model.table_specs()))
-    if _data is None:
-        _data = _load_test(cfg)
-    params, which, step = restore_params(workdir, mesh=mesh, _model_task=(model, task), _tables=tables)
-    test_cfg = pipeline.StreamConfig(L=cfg.L, batch_size=cfg.batch_size, digits_per_image=cfg.digits_per_image,
-                                     rotate=cfg.test_rotate)
-    predict = _predict or train.make_predict(model)  # fit passes its own: compiled once per run
-    m = evaluate_params(predict, task, params, tables, _data[0], _data[1], test_cfg, cfg.seed + 2)
-    rec = {"test": m, "checkpoint": which, "checkpoint_step": int(step), "test_rotate": cfg.test_rotate}
-    if task == "segment" and _is_writer():
-        x, _, mask = next(iter(pipeline.eval_batches(_data[0][:4], _data[1][:4], test_cfg, cfg.seed + 2)))
-        pred = metrics.logits_to_pred(predict(params, tables, x))
-        from sphere_jax import plotting
-
-        rot = "rotated" if cfg.test_rotate else "canonical"
-        name = "predictions_R.png" if cfg.test_rotate else "predictions_NR.png"
-        rec["figure"] = plotting.plot_predictions(
-            x, mask, pred, os.path.join(workdir, name), title=f"{cfg.model}, {rot} test digits"
-        )
+    setup = RunSetup.build(cfg, mesh) if setup is None else setup.with_config(cfg) if setup.cfg != cfg else setup
+    variables, which, step = restore_variables(workdir, setup=setup)
+    rec = evaluate_variables(setup, variables, workdir)
+    rec.update(checkpoint=which, checkpoint_step=int(step), **(extra or {}))
     _append_jsonl(workdir, rec)
-    if _is_writer():
+    if write_summary and _is_writer():
         with open(os.path.join(workdir, "summary.md"), "w") as f:
-            f.write(summarise(cfg, task, rec))
+            f.write(summarise(cfg, setup.task, rec))
     return rec
 
 
-def restore_params(workdir: str, which: str = "best", mesh=None, _model_task=None, _tables=None):
-    """``(params, which, step)`` of a run's ``"best"`` (falling back to ``"latest"``) or ``"latest"``
-    checkpoint, replicated over ``mesh`` (default: all devices), whatever topology saved it."""
+def evaluate_variables(setup: RunSetup, variables, out_dir: str | None = None, name: str | None = None) -> dict:
+    """Test metrics of ``variables`` under ``setup.cfg`` (test digits, rotation, seed + 2), and for
+    segmentation a predictions figure of the first 4 test digits in ``out_dir``.
+
+    Returns ``{"test": metrics, "test_rotate": bool[, "figure": path]}``.
+    """
+    cfg = setup.cfg
+    images, labels = setup.test_data()
+    test_cfg = cfg.stream_config(cfg.test_rotate)
+    m = evaluate_params(setup.predict, setup.task, variables, setup.tables, images, labels, test_cfg, cfg.seed + 2)
+    rec = {"test": m, "test_rotate": cfg.test_rotate}
+    if setup.task == "segment" and out_dir is not None and _is_writer():
+        x, _, mask = next(iter(pipeline.eval_batches(images[:4], labels[:4], test_cfg, cfg.seed + 2)))
+        pred = metrics.logits_to_pred(setup.predict(variables, setup.tables, x))
+        from sphere_jax import plotting
+
+        rot = "rotated" if cfg.test_rotate else "canonical"
+        name = name or cfg.model
+        fname = "predictions_R.png" if cfg.test_rotate else "predictions_NR.png"
+        rec["figure"] = plotting.plot_predictions(x, mask, pred, os.path.join(out_dir, fname),
+                                                  title=f"{name}, {rot} test digits")
+    return rec
+
+
+def restore_variables(workdir: str, which: str = "best", mesh=None, setup: RunSetup | None = None):
+    """``(variables, which, step)`` of a run's ``"best"`` (falling back to ``"latest"``) or
+    ``"latest"`` checkpoint, replicated over the mesh (default: all devices), whatever topology
+    saved it. ``variables`` is ``{"params": ...}`` plus BatchNorm statistics where the model has them."""
     workdir = os.path.abspath(workdir)
     cfg = load_config(workdir)
-    model, task = _model_task or _model(cfg)
-    mesh = mesh or train.make_mesh()
-    tables = _tables if _tables is not None else train.replicate(mesh, harmonics.build_tables(model.table_specs()))
+    setup = setup or RunSetup.build(cfg, mesh)
     latest, best = _managers(workdir)
     if which == "best" and best.latest_step() is not None:
         manager = best
@@ -392,21 +561,61 @@ def restore_params(workdir: str, which: str = "best", mesh=None, _model_task=Non
     step = manager.latest_step()
     if step is None:
         raise RunError(f"no checkpoint in {workdir}; train first")
-    x0 = jnp.zeros((1, 2 * cfg.L, 2 * cfg.L - 1, 1))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rep = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     with_sharding = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), t)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x0, tables)["params"])
+    params, model_state = train.split_variables(setup.abstract_variables())
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
                 "opt_state": jax.eval_shape(lambda p: optax.adam(cfg.learning_rate).init(p), params)}
+    if model_state:
+        abstract["model_state"] = model_state
     restored = _restore(manager, step, with_sharding(abstract), which)
-    return restored["params"], which, step
+    return {"params": restored["params"], **restored.get("model_state", {})}, which, step
+
+
+def restore_params(workdir: str, which: str = "best", mesh=None, setup: RunSetup | None = None):
+    """``(params, which, step)``: the parameters alone of :func:`restore_variables` (enough for
+    every model without BatchNorm statistics)."""
+    variables, which, step = restore_variables(workdir, which, mesh, setup)
+    return variables["params"], which, step
+
+
+def evaluate_pretrained(name: str, test_rotate: bool = True, n_test: int = 0, out_dir: str | None = None,
+                        batch_size: int = 32, **data) -> dict:
+    """Evaluate a shipped model (:mod:`sphere_jax.pretrained`) on its dataset's test digits.
+
+    Args:
+      name: a name of ``sphere_jax.pretrained.names()``.
+      test_rotate: Haar-random rotations (R) or canonical digits (NR).
+      n_test: the first ``n_test`` test digits (0: all).
+      out_dir: where the predictions figure goes (segmenters), or ``None``.
+      data: ``source``, ``digits_dir``, ``data_dir``, ``digits_npz`` (as :class:`RunConfig`).
+
+    Returns ``{"test": metrics, "test_rotate": ..., "card": model card[, "figure": path]}``;
+    rotations are keyed like a run's test set (seed of the card + 2), so the same ``n_test``
+    gives the card's numbers.
+    """
+    from sphere_jax import pretrained
+
+    try:
+        card = pretrained.card(name)
+        _, variables = pretrained.load(name)
+    except (KeyError, ValueError) as e:
+        raise RunError(str(e).strip('"')) from None
+    cfg = RunConfig(model=card["model"], dataset=card["dataset"], L=int(card["L"]),
+                    digits_per_image=int(card.get("digits_per_image", 1)), test_rotate=test_rotate,
+                    n_test=n_test, batch_size=batch_size, seed=int(card["seed"]), **data)
+    cfg.validate()
+    setup = RunSetup.build(cfg)
+    rec = evaluate_variables(setup, variables, out_dir, name=name)
+    rec["card"] = card
+    return rec
 
 
 def summarise(cfg: RunConfig, task: str, rec: dict) -> str:
     m = rec["test"]
     rot = "rotated (R)" if rec["test_rotate"] else "canonical (NR)"
     data = {"tfds": cfg.dataset, "synthetic": "synthetic digits"}.get(
-        cfg.source, f"digits of {os.path.basename(str(cfg.digits_npz))}"
+        cfg.source, f"digits of {os.path.basename(str(_npz_path(cfg)))}"
     )
     lines = [f"# {cfg.model} on {data}, test digits {rot}", "",
              f"checkpoint: {rec['checkpoint']} at step {rec['checkpoint_step']}, {m['n']} test images", ""]

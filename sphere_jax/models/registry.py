@@ -6,6 +6,20 @@ import flax.linen as nn
 from sphere_jax.models import s2cnn
 
 
+# What ``--model=s2cnn`` / ``--model=cnn`` mean in each task: the study's headline models (the
+# 204k S2CNN segmenter and the largest CNN segmenter; Cohen's S2CNN classifier and its planar
+# baseline).
+ALIASES = {
+    "segment": {"s2cnn": "s2cnn_204k", "cnn": "cnn_5_5m"},
+    "classify": {"s2cnn": "s2cnn_cls", "cnn": "cnn_cls_68k"},
+}
+
+
+def resolve(name: str, task: str) -> str:
+    """A model name with the task's aliases (``s2cnn``, ``cnn``) replaced by the named model."""
+    return ALIASES.get(task, {}).get(name, name)
+
+
 def model_names() -> list[str]:
     names = sorted(s2cnn.SEGMENTERS) + sorted(s2cnn.CLASSIFIERS)
     try:
