@@ -8,7 +8,8 @@ unfinished) and writes to ``--out``:
   model and train -> test mode, one column per augmentation level (1, 2, 4, ..., fresh),
   cells = test accuracy in % (classification) or test mIoU over the 11 classes (segmentation),
   the mean over seeds (``mean ± std (n)`` when there are several); then every run's metrics;
-* ``results.json``: the same numbers, unformatted;
+* ``results.json``: one object per (run, test rotation) in the study's format (see
+  :func:`study_rows`); ``summary.json``: the tables' numbers and every run's details;
 * ``score_vs_aug_<group>.png``: the score against augmentation, one curve per model trained on
   rotated digits, runs trained on canonical digits (the S2CNN) as horizontal reference lines;
 * ``tradeoff_<group>.png``: best score of each model against its training-step time and
@@ -63,32 +64,69 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
             unfinished.append(os.path.relpath(dirpath, root))
             continue
         recs = _records(os.path.join(dirpath, "metrics.jsonl"))
-        test = None
-        for rec in reversed(recs):
-            if "test" in rec and rec.get("test_rotate", cfg.get("test_rotate")) == cfg.get("test_rotate"):
-                test = rec
-                break
-        if test is None:
+        tests = {}  # test rotation -> its last test record
+        for rec in recs:
+            if "test" in rec:
+                tests[bool(rec.get("test_rotate", cfg.get("test_rotate")))] = rec
+        if bool(cfg.get("test_rotate")) not in tests:
             unfinished.append(os.path.relpath(dirpath, root))
             continue
-        m = test["test"]
-        task = "classify" if "accuracy" in m else "segment"
+        info = {}
+        for rec in recs:
+            if "info" in rec:
+                info = rec["info"]
         train_recs = [r for r in recs if "train_loss" in r]
         last = train_recs[-1] if train_recs else {}
         steps = last.get("step")
-        row = dict(cfg)
-        row.update(
-            workdir=os.path.relpath(dirpath, root), task=task,
-            train="R" if cfg.get("train_rotate") else "NR", test="R" if cfg.get("test_rotate") else "NR",
-            aug=aug_label(cfg.get("copies")) if cfg.get("train_rotate") else "1",
-            metrics=m, score=float(m[METRIC[task][0]]), steps_done=steps,
-            train_seconds=last.get("seconds"),
-            step_seconds=(last["seconds"] / steps) if steps and last.get("seconds") is not None else None,
-            checkpoint_step=test.get("checkpoint_step"), stopped_early=test.get("stopped_early"),
-        )
-        runs.append(row)
-    runs.sort(key=lambda r: r["workdir"])
+        # the run's own test rotation first, then the other one (a run evaluates both at the end)
+        for rot in sorted(tests, key=lambda r: r != bool(cfg.get("test_rotate"))):
+            test = tests[rot]
+            m = test["test"]
+            task = "classify" if "accuracy" in m else "segment"
+            row = dict(cfg)
+            row.update(
+                workdir=os.path.relpath(dirpath, root), task=task,
+                train="R" if cfg.get("train_rotate") else "NR", test="R" if rot else "NR",
+                own_test=rot == bool(cfg.get("test_rotate")),
+                aug=aug_label(cfg.get("copies")) if cfg.get("train_rotate") else "1",
+                metrics=m, score=float(m[METRIC[task][0]]), steps_done=steps,
+                epochs=last.get("epochs"), train_seconds=last.get("seconds"),
+                step_seconds=(last["seconds"] / steps) if steps and last.get("seconds") is not None else None,
+                checkpoint_step=test.get("checkpoint_step"), stopped_early=test.get("stopped_early"),
+                params=info.get("params"), device=info.get("device"),
+            )
+            runs.append(row)
+    runs.sort(key=lambda r: (r["workdir"], not r["own_test"]))
     return runs, sorted(unfinished)
+
+
+def study_rows(runs: list[dict]) -> list[dict]:
+    """One object per (run, test rotation), in the study's format: ``dataset, digits_per_image,
+    model, params, train_rotation, test_rotation`` ("none" / "so3"), ``augmentation`` (copies as
+    an integer, or "fresh"), ``seed, epochs, steps`` (steps trained; ``best_step``: the evaluated
+    checkpoint), ``n_test, device, train_seconds`` and the scores: ``test_accuracy``
+    (classification) or ``test_miou, test_miou_digits, test_pixel_accuracy`` and their
+    area-weighted variants (segmentation)."""
+    out = []
+    for r in runs:
+        m = r["metrics"]
+        aug = r["aug"]
+        row = {
+            "dataset": r["dataset"], "digits_per_image": int(r["digits_per_image"]), "model": r["model"],
+            "params": r.get("params"), "L": int(r["L"]),
+            "train_rotation": "so3" if r["train"] == "R" else "none", "test_rotation": "so3" if r["test"] == "R" else "none",
+            "augmentation": aug if aug == "fresh" else int(aug), "seed": int(r["seed"]),
+            "epochs": r.get("epochs"), "steps": r.get("steps_done"), "best_step": r.get("checkpoint_step"),
+            "stopped_early": r.get("stopped_early"), "n_test": m.get("n"), "device": r.get("device"),
+            "train_seconds": r.get("train_seconds"), "workdir": r["workdir"],
+        }
+        if r["task"] == "classify":
+            row["test_accuracy"] = m["accuracy"]
+        else:
+            row.update(test_miou=m["miou"], test_miou_digits=m["miou_digits"], test_pixel_accuracy=m["pixel_accuracy"],
+                       test_area_miou=m.get("area_miou"), test_area_miou_digits=m.get("area_miou_digits"))
+        out.append(row)
+    return out
 
 
 # --------------------------------------------------------------------------- tables
@@ -201,34 +239,45 @@ def _colors(t: dict) -> dict:
     return {m: cycle[i % len(cycle)] for i, m in enumerate(models)}
 
 
-def plot_score_vs_aug(g: tuple, t: dict, path: str) -> str:
-    """Score against augmentation level, one curve per model trained R, NR-trained runs as lines."""
+def plot_score_vs_aug(g: tuple, t: dict, path: str, test: str = "R") -> str:
+    """Score on ``test``-rotated digits against augmentation: one curve per model trained on
+    rotated digits (mean over seeds, error bars = std); the S2CNNs (any training) as horizontal
+    bands (mean +- std over seeds), other models trained on canonical digits as dashed lines."""
     task = g[0]
     scale = METRIC[task][2]
     cols = t["columns"]
     x = np.arange(len(cols))
     fig = _figure((7.0, 4.4))
     ax = fig.add_subplot(1, 1, 1)
-    ref_styles = iter(["--", "-.", ":", (0, (5, 1))] * 4)
     colors = _colors(t)
-    for (model, train, test), cells in t["rows"].items():
-        label = f"{model} ({train}->{test})"
+    styles = iter(["--", "-.", ":", (0, (5, 1))] * 4)
+    for (model, train, tst), cells in t["rows"].items():
+        if tst != test:
+            continue
+        label = f"{model} ({train}->{tst})"
+        vals = [s for c in cells.values() for s in c]
+        if model.startswith("s2cnn"):
+            # a band per S2CNN row (each augmentation level of it pooled), hatched for R training
+            mean, std = np.mean(vals) * scale, (np.std(vals, ddof=1) * scale if len(vals) > 1 else 0.0)
+            ls = next(styles)
+            ax.axhline(mean, ls=ls, lw=1.5, color=colors[model], label=f"{label}: {mean:.2f} ± {std:.2f} (n={len(vals)})")
+            ax.axhspan(mean - std, mean + std, color=colors[model], alpha=0.15 if train == "NR" else 0.3,
+                       hatch=None if train == "NR" else "//")
+            continue
         if train == "NR":
-            vals = [s for c in cells.values() for s in c]
-            ax.axhline(np.mean(vals) * scale, ls=next(ref_styles), lw=2, color=colors[model], label=label)
+            ax.axhline(np.mean(vals) * scale, ls=next(styles), lw=1.5, color=colors[model], label=label)
             continue
         xs = [i for i, c in zip(x, cols) if c in cells]
         ys = [np.mean(cells[c]) * scale for c in cols if c in cells]
         err = [np.std(cells[c], ddof=1) * scale if len(cells[c]) > 1 else 0.0 for c in cols if c in cells]
-        ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, label=label, color=colors[model],
-                    ls="-" if test == "R" else ":")
+        ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, label=label, color=colors[model])
     ax.set_xticks(x)
     ax.set_xticklabels(cols)
     ax.set_xlabel("augmentation: rotated copies per training digit")
-    ax.set_ylabel(METRIC[task][1])
+    ax.set_ylabel(METRIC[task][1] + f", {'rotated' if test == 'R' else 'canonical'} test digits")
     ax.set_title(group_title(g), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     fig.savefig(path, dpi=110)
     return path
 
@@ -260,13 +309,17 @@ def _latency(row: dict, batch: int) -> tuple[float | None, str | None]:
     return None, None
 
 
-def plot_tradeoff(g: tuple, t: dict, runs: list[dict], path: str, bench: dict | None = None, batch: int = 1) -> str | None:
-    """Best score of each model (over augmentation levels) against time: training step and inference
-    latency from the benchmark, or seconds per training step measured in the runs."""
+def plot_tradeoff(g: tuple, t: dict, runs: list[dict], path: str, bench: dict | None = None, batch: int = 1,
+                  test_rotation: str = "R") -> str | None:
+    """Best score of each model on ``test_rotation`` digits (over augmentation levels and training
+    rotations) against time: training step and inference latency from the benchmark, or seconds
+    per training step measured in the runs."""
     task = g[0]
     scale = METRIC[task][2]
     best: dict = {}
     for (model, train, test), cells in t["rows"].items():
+        if test != test_rotation:
+            continue
         s = max(np.mean(v) for v in cells.values()) * scale
         best[model] = max(best.get(model, -math.inf), s)
     if bench:
@@ -315,7 +368,8 @@ def plot_tradeoff(g: tuple, t: dict, runs: list[dict], path: str, bench: dict | 
         ax.set_xlabel(title)
         ax.set_ylabel(f"best {METRIC[task][1]}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{group_title(g)}: score vs time ({source})", fontsize=9)
+    fig.suptitle(f"{group_title(g)}, {'rotated' if test_rotation == 'R' else 'canonical'} test digits:\n"
+                 f"best score vs time ({source})", fontsize=9)
     fig.savefig(path, dpi=110)
     return path
 
@@ -352,8 +406,10 @@ def aggregate(root: str, out: str | None = None, benchmark: str | None = None, l
         ],
         "figures": files,
     }
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(study_rows(runs), f, indent=1)
     return summary
 
 

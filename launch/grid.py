@@ -102,11 +102,16 @@ def config_flags(cfg: RunConfig) -> list[str]:
         f"--batch_size={cfg.batch_size}", f"--learning_rate={cfg.learning_rate!r}", f"--steps={cfg.steps}",
         f"--eval_every={cfg.eval_every}", f"--checkpoint_every={cfg.checkpoint_every}",
         f"--patience={cfg.patience}", f"--seed={cfg.seed}",
+        f"--min_separation_deg={cfg.min_separation_deg!r}", f"--digit_scale={cfg.digit_scale!r}",
     ]
     if cfg.digits_dir is not None:
         flags.append(f"--digits_dir={cfg.digits_dir}")
     if cfg.data_dir is not None:
         flags.append(f"--data_dir={cfg.data_dir}")
+    if cfg.digits_npz is not None:
+        flags.append(f"--digits_npz={cfg.digits_npz}")
+    if cfg.init_from is not None:
+        flags.append(f"--init_from={cfg.init_from}")
     return flags
 
 
@@ -182,35 +187,90 @@ def expand(blocks: Iterable[Block], base: RunConfig | None = None) -> list[Run]:
 AUG_LEVELS = (1, 2, 4, 8, 16, "fresh")
 
 # The study's settings (SPEC.md): bandwidth 50 segmentation, Adam 1e-3, batch 32, early stopping
-# on a hold-out set; bandwidth 30 classification, Adam 5e-3 (Cohen 2018). Steps are a budget
-# shared by every augmentation level; early stopping ends a run sooner.
+# on a hold-out set; bandwidth 30 classification, Adam 5e-3 (Cohen 2018), batch 32, 20 epochs.
+# Steps are a budget shared by every augmentation level: 20 epochs of the 58,000 training digits
+# (58,000 / 32 = 1,812 steps per epoch), so a level of A copies sees each rotated copy 20 / A
+# times; the hold-out (2,000 digits, rotated like the training data) is scored every half
+# epoch and a run stops after 4 scores (2 epochs) without improvement. Test: all 10,000 digits.
+_EPOCH = 58_000 // 32
 _SEG_FULL = dict(source="tfds", L=50, n_train=0, n_holdout=2000, n_test=0, batch_size=32, learning_rate=1e-3,
-                 steps=60_000, eval_every=1000, checkpoint_every=1000, patience=10)
+                 steps=20 * _EPOCH, eval_every=_EPOCH // 2, checkpoint_every=_EPOCH // 2, patience=4)
 _CLS_FULL = dict(source="tfds", L=30, n_train=0, n_holdout=2000, n_test=0, batch_size=32, learning_rate=5e-3,
-                 steps=40_000, eval_every=1000, checkpoint_every=1000, patience=10)
+                 steps=20 * _EPOCH, eval_every=_EPOCH // 2, checkpoint_every=_EPOCH // 2, patience=4)
 _CLS_FULL_CNN = dict(_CLS_FULL, learning_rate=1e-3)  # 5e-3 leaves the global-pooling family at chance (CPU runs)
-_SEG_DATA = (("mnist", 1), ("mnist", 3), ("fashion_mnist", 3))
+_SEEDS = (0, 1, 2)
+CNN_CLASSIFIERS = ("cnn_cls_68k", "cnn_cls_250k", "cnn_cls_1m", "cnn_cls_4m")
+
+
+SEG_AUG_LEVELS = (1, 2, 4, 8, "fresh")
+CNN_SEGMENTERS = ("cnn_218k", "cnn_1m", "cnn_5_5m")
 
 
 def paper_segmentation() -> list[Block]:
-    """S2CNN segmenter trained NR tested R; CNN-218k / 1M / 5.5M trained R with growing augmentation."""
+    """The segmentation study in the order of its issue, so that every GPU window adds a usable
+    result: (a) MNIST, one digit: the S2CNN trained NR (tested R, and NR at the end) against
+    CNN-5.5M with fresh rotations; (b) the other CNN sizes and augmentation levels; (c) seeds 1
+    and 2 of the S2CNN (NR and R training) and of CNN-5.5M; (d) FashionMNIST: the S2CNN and every
+    CNN size at every level; (e) scenes of 3 MNIST digits (centres >= 90 degrees apart, digits
+    scaled by 0.75): the S2CNN and CNN-5.5M."""
+    mnist, fashion, three = (("mnist", 1),), (("fashion_mnist", 1),), (("mnist", 3),)
+    s2, big = ("s2cnn_204k",), ("cnn_5_5m",)
+    full = dict(_SEG_FULL)
+    scenes = dict(_SEG_FULL, digit_scale=0.75, min_separation_deg=90.0)
+    other_levels = tuple(a for a in SEG_AUG_LEVELS if a != "fresh")
     return [
-        Block("segment", ("s2cnn_204k",), (1,), "NR", "R", _SEG_DATA).with_overrides(**_SEG_FULL),
-        Block("segment", ("cnn_218k", "cnn_1m", "cnn_5_5m"), AUG_LEVELS, "R", "R", _SEG_DATA).with_overrides(**_SEG_FULL),
+        Block("segment", s2, (1,), "NR", "R", mnist).with_overrides(**full),
+        Block("segment", big, ("fresh",), "R", "R", mnist).with_overrides(**full),
+        Block("segment", big, other_levels, "R", "R", mnist).with_overrides(**full),
+        Block("segment", CNN_SEGMENTERS[:2], SEG_AUG_LEVELS, "R", "R", mnist).with_overrides(**full),
+        Block("segment", s2, ("fresh",), "R", "R", mnist).with_overrides(**full),
+        Block("segment", s2, (1,), "NR", "R", mnist, (1, 2)).with_overrides(**full),
+        Block("segment", s2, ("fresh",), "R", "R", mnist, (1, 2)).with_overrides(**full),
+        Block("segment", big, SEG_AUG_LEVELS, "R", "R", mnist, (1, 2)).with_overrides(**full),
+        Block("segment", s2, (1,), "NR", "R", fashion).with_overrides(**full),
+        Block("segment", CNN_SEGMENTERS, SEG_AUG_LEVELS, "R", "R", fashion).with_overrides(**full),
+        Block("segment", s2, (1,), "NR", "R", three).with_overrides(**scenes),
+        Block("segment", big, SEG_AUG_LEVELS, "R", "R", three).with_overrides(**scenes),
     ]
 
 
+def classification_blocks(dataset: str, seeds=_SEEDS) -> list[Block]:
+    """The classification grid of one dataset, in the order of the study issue: the S2CNNs
+    (Cohen's and the deep one) trained NR (tested R; every run is also tested NR) and R, then
+    the CNN classifiers trained R at every augmentation level and the planar baseline trained NR,
+    then the extra seeds of the S2CNNs and of the largest CNN."""
+    data = ((dataset, 1),)
+    s2 = ("s2cnn_cls", "s2cnn_cls_deep")
+    first, rest = seeds[:1], seeds[1:]
+    blocks = [
+        Block("classify", s2, (1,), "NR", "R", data, first).with_overrides(**_CLS_FULL),
+        Block("classify", s2, ("fresh",), "R", "R", data, first).with_overrides(**_CLS_FULL),
+        Block("classify", ("cnn_cls_68k",), (1,), "NR", "NR", data, first).with_overrides(**_CLS_FULL_CNN),
+        Block("classify", CNN_CLASSIFIERS, AUG_LEVELS, "R", "R", data, first).with_overrides(**_CLS_FULL_CNN),
+    ]
+    if rest:
+        blocks += [
+            Block("classify", s2, (1,), "NR", "R", data, rest).with_overrides(**_CLS_FULL),
+            Block("classify", s2, ("fresh",), "R", "R", data, rest).with_overrides(**_CLS_FULL),
+            Block("classify", CNN_CLASSIFIERS[-1:], AUG_LEVELS, "R", "R", data, rest).with_overrides(**_CLS_FULL_CNN),
+        ]
+    return blocks
+
+
 def paper_classification() -> list[Block]:
-    """S2CNN classifiers trained NR (and R) tested R; the CNN classifier family trained R with growing
-    augmentation; the 68k planar baseline in the published NR/NR and NR/R modes."""
+    """The classification study on MNIST then FashionMNIST (see :func:`classification_blocks`)."""
+    return classification_blocks("mnist") + classification_blocks("fashion_mnist")
+
+
+def gpu_classification_first() -> list[Block]:
+    """What one short GPU window trains first: the Cohen S2CNN on MNIST, NR and R, three seeds,
+    and the planar baseline NR (the runs of :func:`paper_classification` with the same names)."""
     data = (("mnist", 1),)
     return [
-        Block("classify", ("s2cnn_cls", "s2cnn_cls_deep"), (1,), "NR", "R", data).with_overrides(**_CLS_FULL),
-        Block("classify", ("s2cnn_cls", "s2cnn_cls_deep"), ("fresh",), "R", "R", data).with_overrides(**_CLS_FULL),
-        Block("classify", ("cnn_cls_68k", "cnn_cls_250k", "cnn_cls_500k", "cnn_cls_1m", "cnn_cls_4m"), AUG_LEVELS,
-              "R", "R", data).with_overrides(**_CLS_FULL_CNN),
+        Block("classify", ("s2cnn_cls",), (1,), "NR", "R", data, _SEEDS).with_overrides(**_CLS_FULL),
+        Block("classify", ("s2cnn_cls",), ("fresh",), "R", "R", data, _SEEDS).with_overrides(**_CLS_FULL),
         Block("classify", ("cnn_cls_68k",), (1,), "NR", "NR", data).with_overrides(**_CLS_FULL_CNN),
-        Block("classify", ("cnn_cls_68k",), (1,), "NR", "R", data).with_overrides(**_CLS_FULL_CNN),
+        Block("classify", CNN_CLASSIFIERS, (1, 4, "fresh"), "R", "R", data).with_overrides(**_CLS_FULL_CNN),
     ]
 
 
@@ -243,6 +303,7 @@ def reduced_cpu() -> list[Block]:
 GRIDS = {
     "paper_segmentation": paper_segmentation,
     "paper_classification": paper_classification,
+    "gpu_classification_first": gpu_classification_first,
     "reduced_cpu": reduced_cpu,
 }
 
@@ -256,6 +317,51 @@ def get_grid(name: str) -> list[Run]:
     if name not in GRIDS:
         raise GridError(f"unknown grid {name!r}; choose one of {grid_names()}")
     return expand(GRIDS[name]())
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["source=npz", "steps=100", "copies=fresh"]`` -> RunConfig field values, converted by the
+    field's type (``none`` -> None). Raises :class:`GridError` for unknown fields or bad values."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise GridError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise GridError(f"--set {key}: not a RunConfig field; choose one of {sorted(fields)}")
+        default = fields[key].default
+        if value.lower() == "none":
+            out[key] = None
+        elif key == "copies":
+            out[key] = parse_aug(value)
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise GridError(f"--set {key}={value}: expected true or false")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, int):
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise GridError(f"--set {key}={value}: expected an integer") from None
+        elif isinstance(default, float):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise GridError(f"--set {key}={value}: expected a number") from None
+        else:
+            out[key] = value
+    return out
+
+
+def with_overrides(runs: Sequence[Run], overrides: dict) -> list[Run]:
+    """The same runs with ``overrides`` applied to every config (workdir names are recomputed, so
+    a field that names the run, e.g. ``seed``, moves it)."""
+    out = []
+    for r in runs:
+        cfg = dataclasses.replace(r.config, **overrides)
+        out.append(Run(r.index, run_name(r.task, cfg), r.task, cfg))
+    return out
 
 
 def write_manifest(runs: Sequence[Run], root: str, grid: str) -> str:

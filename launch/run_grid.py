@@ -314,6 +314,10 @@ def _parse(argv):
     p.add_argument("--dry_run", action="store_true", help="print the commands of the unfinished runs and exit")
     p.add_argument("--stop_on_failure", action="store_true")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RunConfig field of every run, e.g. --set source=npz --set digits_npz=/data/mnist.npz "
+                        "(repeatable; give the same overrides again to resume)")
+    p.add_argument("--only", default=None, help="comma-separated run indices to run (default: all)")
     p.add_argument("--coordinator_address", default=None, help="multi-host: passed on to the run")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: passed on to the run")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: passed on to the run")
@@ -322,7 +326,11 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    runs = grid_lib.get_grid(args.grid)
+    try:
+        runs = grid_lib.with_overrides(grid_lib.get_grid(args.grid), grid_lib.parse_overrides(args.set))
+    except grid_lib.GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     grid_lib.write_manifest(runs, root, args.grid)
@@ -331,6 +339,13 @@ def main(argv=None) -> int:
             print(f"error: --index={args.index} is outside the grid's runs 0..{len(runs) - 1}", file=sys.stderr)
             return 2
         runs = [runs[args.index]]
+    if args.only:
+        try:
+            keep = {int(i) for i in args.only.split(",") if i.strip()}
+        except ValueError:
+            print(f"error: --only takes comma-separated run indices, got {args.only!r}", file=sys.stderr)
+            return 2
+        runs = [r for r in runs if r.index in keep]
     if args.list or args.dry_run:
         for r in runs:
             state = run_state(r, root)
@@ -345,7 +360,12 @@ def main(argv=None) -> int:
                  f"--process_id={args.process_id}"]
     executor = SubprocessExecutor(args.python, extra)
 
+    stopping = []
+
     def on_term(signum, frame):
+        if stopping:  # already shutting down (the children may signal the group again): finish that
+            return
+        stopping.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)  # SIGTERM (SLURM preemption, kill) stops the children too
