@@ -43,6 +43,11 @@ def test_benchmark_reduced(tmp_path):
         for k in ("tables_s", "first_use_s", "train_compile_s", "train_step_s", "peak_rss_gb"):
             assert r[k] > 0 or (k == "tables_s" and r[k] >= 0), (k, r[k])
         assert r["train_batch"] == 32
+        # cost analysis of the compiled step and the rates derived from it
+        assert r["step_gflop"] > 0 and r["step_gb"] > 0 and r["matmul_gflops"] > 0 and r["copy_gbps"] > 0
+        assert abs(r["achieved_tflops"] - r["step_gflop"] / r["train_step_s"] / 1e3) <= 1e-3 + 1e-3 * r["achieved_tflops"]
+        assert abs(r["flops_fraction"] - r["achieved_tflops"] * 1e3 / r["matmul_gflops"]) < 1e-3 + 0.01 * r["flops_fraction"]
+        assert abs(r["bandwidth_fraction"] - r["achieved_gbps"] / r["copy_gbps"]) < 1e-3 + 0.01 * r["bandwidth_fraction"]
     s2 = rows[0]
     for k in ("matmul_gflops", "so3_fwd_gflops", "so3_inv_gflops", "s2_fwd_gflops", "s2_inv_gflops"):
         assert s2[k] > 0
@@ -58,6 +63,24 @@ def test_benchmark_reduced(tmp_path):
         assert line.startswith(f"| {r['model']} | 10 | {r['params']:,} |")
     png = (out / "latency_vs_batch.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_transform_implementations_side_by_side(tmp_path):
+    out = tmp_path / "tr"
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--transforms_L=4", "--transforms=dft,s2fft",
+         "--transform_signals=2", "--repeats=1", f"--out={out}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.load(open(out / "transforms.json"))
+    assert [(r["transforms"], r["L"]) for r in rows] == [("dft", 4), ("s2fft", 4)]
+    for r in rows:
+        assert "error" not in r, r
+        for k in ("tables_s", "first_use_s", "s2_fwd_s", "s2_inv_s", "so3_fwd_s", "so3_inv_s", "peak_rss_gb"):
+            assert r[k] > 0
+    md = (out / "transforms.md").read_text().splitlines()
+    assert md[0].startswith("| transforms | L |") and len(md) == 4
 
 
 def test_study_band_limits():

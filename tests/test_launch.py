@@ -109,15 +109,30 @@ def test_grid_errors():
 
 def test_named_grids():
     seg = grid.get_grid("paper_segmentation")
-    # 3 (dataset, digits) x (1 S2CNN + 3 CNNs x 6 augmentation levels)
-    assert len(seg) == 3 * (1 + 3 * 6)
+    assert len(seg) == 53
+    # the order: the headline pair first, then the other CNN runs, seeds, FashionMNIST, scenes
+    assert [(r.config.model, r.augmentation, r.config.seed) for r in seg[:3]] == [
+        ("s2cnn_204k", "1", 0), ("cnn_5_5m", "fresh", 0), ("cnn_5_5m", "1", 0)]
     s2 = [r for r in seg if r.config.model == "s2cnn_204k"]
-    assert len(s2) == 3 and all(not r.config.train_rotate and r.config.test_rotate and r.config.L == 50 for r in s2)
+    assert len(s2) == 8 and all(r.config.test_rotate and r.config.L == 50 for r in s2)
+    assert sum(not r.config.train_rotate for r in s2) == 5  # NR: 3 seeds on MNIST, FashionMNIST, scenes
     assert all(r.config.train_rotate and r.config.test_rotate for r in seg if r.config.model.startswith("cnn"))
+    scenes = [r for r in seg if r.config.digits_per_image == 3]
+    assert len(scenes) == 6 and all(r.config.digit_scale == 0.75 and r.config.min_separation_deg == 90 for r in scenes)
+    assert {r.config.dataset for r in seg} == {"mnist", "fashion_mnist"}
     cls = grid.get_grid("paper_classification")
+    assert len(cls) == 98 and {r.config.dataset for r in cls} == {"mnist", "fashion_mnist"}
     assert {r.config.model for r in cls} == {"s2cnn_cls", "s2cnn_cls_deep", "cnn_cls_68k", "cnn_cls_250k",
-                                             "cnn_cls_500k", "cnn_cls_1m", "cnn_cls_4m"}
-    assert all(r.task == "classify" and r.config.L == 30 for r in cls)
+                                             "cnn_cls_1m", "cnn_cls_4m"}
+    assert all(r.task == "classify" and r.config.L == 30 and r.config.n_test == 0 for r in cls)
+    assert [r.config.dataset for r in cls] == ["mnist"] * 49 + ["fashion_mnist"] * 49
+    # 3 seeds for every S2CNN row and for the largest CNN at each augmentation level
+    for model, train in (("s2cnn_cls", False), ("s2cnn_cls", True), ("s2cnn_cls_deep", False), ("cnn_cls_4m", True)):
+        seeds = sorted(r.config.seed for r in cls[:49] if r.config.model == model and r.config.train_rotate == train
+                       and (r.augmentation in ("1", "fresh") if model.startswith("s2") else r.augmentation == "2"))
+        assert seeds == [0, 1, 2], (model, train, seeds)
+    first = grid.get_grid("gpu_classification_first")
+    assert {r.name for r in first} <= {r.name for r in cls}  # the same runs, so a window's results count
     red = grid.get_grid("reduced_cpu")
     assert [(r.task, r.config.model, r.augmentation) for r in red] == [
         ("classify", "s2cnn_cls", "1"),
