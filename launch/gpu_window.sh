@@ -8,9 +8,10 @@
 # SKIP_INSTALL=1 run it off the GPU host (a CPU smoke test). Carry .whl/ (the s2fft wheel and .whl/data/{mnist,fashion_mnist}.npz written from
 # sphere_jax.data.digits.load_digits). Writes under $OUT (default /tmp/out):
 #   env.txt                       GPU, jax, the transform variant used
-#   benchmark.json / .md          one row per model (compile + step time + cost analysis)
-#   sweep.log                     the grid runner's log
+#   benchmark.json                one row per model (compile + step time + cost analysis)
+#   sweep.log                     the grid runner's and the aggregation's log
 #   results.md / results.json     aggregate of the finished runs (launch.aggregate)
+# (seven files: the device tool brings back at most eight)
 #   sweep_meta.tgz                every run's config.json, metrics.jsonl, run.log, summary.md
 #   sweep_best.tgz                best checkpoints of the S2CNNs and other small models (to ship)
 # The grid resumes: run the same command again with the archives unpacked into $SWEEP.
@@ -31,7 +32,7 @@ cat "$OUT/env.txt"
 
 # 1. compile and time each model of BENCH (comma-separated) at the study's band-limit
 if [ -n "$BENCH" ]; then
-  $PY - "$BENCH" <<'PY' 2>&1 | tee "$OUT/benchmark.log"
+  $PY - "$BENCH" <<'PY' 2>&1
 import json, os, sys
 from sphere_jax import benchmark as b
 out = os.environ["OUT"]
@@ -41,7 +42,6 @@ for name in sys.argv[1].split(","):
     rows.append(b.run_in_subprocess(case, timeout=240))
     print(json.dumps(rows[-1]), flush=True)
     json.dump(rows, open(os.path.join(out, "benchmark.json"), "w"), indent=1)
-open(os.path.join(out, "benchmark.md"), "w").write(b.markdown_table(rows))
 print(b.markdown_table(rows))
 PY
 fi
@@ -65,12 +65,13 @@ timeout -s TERM "$BUDGET" $PY -m launch.run_grid --grid="$GRID" --root="$SWEEP" 
 echo "sweep stopped after $(( $(date +%s) - T0 )) s"
 
 # 3. results: aggregate, and pack the small files
-$PY -m launch.aggregate --root="$SWEEP" --out="$OUT/aggregate" > /dev/null 2>"$OUT/aggregate.log"
-cp "$OUT/aggregate/results.md" "$OUT/aggregate/results.json" "$OUT/" 2>/dev/null
+$PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>>"$OUT/sweep.log"
+cp "$SWEEP/aggregate/results.md" "$SWEEP/aggregate/results.json" "$OUT/" 2>/dev/null
 $PY - <<'PY'
 import json, os, tarfile
 sweep, out = os.environ.get("SWEEP", "/tmp/sweep"), os.environ.get("OUT", "/tmp/out")
 META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md")
+AGG = os.path.join(sweep, "aggregate")
 def params_of(run_dir):
     p = os.path.join(run_dir, "metrics.jsonl")
     for line in open(p) if os.path.exists(p) else []:
@@ -87,6 +88,8 @@ with tarfile.open(os.path.join(out, "sweep_meta.tgz"), "w:gz") as tar:
         for f in META:
             if os.path.exists(os.path.join(d, f)):
                 tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
+    if os.path.isdir(AGG):
+        tar.add(AGG, arcname="aggregate")
 # best checkpoints of small models (S2CNNs first), while the archive stays under 15 MB
 runs.sort(key=lambda d: ("s2cnn" not in d, params_of(d) or 1e12))
 budget = 15e6
