@@ -89,6 +89,9 @@ def run(task: str):
         result = runner.fit(config(), FLAGS.workdir)
     except runner.RunError as e:
         fail(str(e))
+    except runner.Preempted as e:  # SIGTERM: the latest checkpoint is saved; the same command resumes
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(143)
     import jax
 
     if jax.process_index() == 0:

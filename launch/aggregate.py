@@ -94,6 +94,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
                 step_seconds=(last["seconds"] / steps) if steps and last.get("seconds") is not None else None,
                 checkpoint_step=test.get("checkpoint_step"), stopped_early=test.get("stopped_early"),
                 params=info.get("params"), device=info.get("device"),
+                finished="final_step" in test,  # else an interim evaluation of a run cut before its end
             )
             runs.append(row)
     runs.sort(key=lambda r: (r["workdir"], not r["own_test"]))
@@ -117,7 +118,8 @@ def study_rows(runs: list[dict]) -> list[dict]:
             "train_rotation": "so3" if r["train"] == "R" else "none", "test_rotation": "so3" if r["test"] == "R" else "none",
             "augmentation": aug if aug == "fresh" else int(aug), "seed": int(r["seed"]),
             "epochs": r.get("epochs"), "steps": r.get("steps_done"), "best_step": r.get("checkpoint_step"),
-            "stopped_early": r.get("stopped_early"), "n_test": m.get("n"), "device": r.get("device"),
+            "stopped_early": r.get("stopped_early"), "finished": r.get("finished", True), "n_test": m.get("n"),
+            "device": r.get("device"),
             "train_seconds": r.get("train_seconds"), "workdir": r["workdir"],
         }
         if r["task"] == "classify":
@@ -212,7 +214,8 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
                 detail = (f"pixel acc {100 * m['pixel_accuracy']:.2f} %, mIoU {m['miou']:.4f}, mIoU digits "
                           f"{m['miou_digits']:.4f}, area mIoU {m.get('area_miou', float('nan')):.4f} (n={m.get('n')})")
             sps = f"{r['step_seconds']:.3f}" if r["step_seconds"] else "-"
-            lines.append(f"| {r['workdir']} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "
+            cut = "" if r.get("finished", True) else " (interim: cut before its end)"
+            lines.append(f"| {r['workdir']}{cut} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "
                          f"{r['train_seconds']} | {sps} |")
         lines.append("")
     if unfinished:

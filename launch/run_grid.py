@@ -61,9 +61,12 @@ def read_records(workdir: str) -> list[dict]:
 
 
 def final_test(records: Sequence[dict], test_rotate: bool | None = None) -> dict | None:
-    """The last record with a ``"test"`` entry (of the run's own test rotation, when the record says)."""
+    """The last record with a ``"test"`` entry written at the end of training (``final_step`` in
+    it; an interim ``experiments.evaluate`` of a cut run does not count), of the run's own test
+    rotation when the record says."""
     for rec in reversed(records):
-        if "test" in rec and (test_rotate is None or rec.get("test_rotate", test_rotate) == test_rotate):
+        if ("test" in rec and "final_step" in rec
+                and (test_rotate is None or rec.get("test_rotate", test_rotate) == test_rotate)):
             return rec
     return None
 

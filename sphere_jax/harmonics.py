@@ -246,29 +246,54 @@ def _vmap_bc(fn, x):
     return jnp.moveaxis(y, 1, -1)
 
 
-def s2_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
-    """Real S2 signal ``[B, 2L, 2L-1, C]`` -> coefficients ``m >= 0``: ``[B, L, L, C]`` ``[:, l, m]``."""
+def _band(L: int, L_band: int | None) -> int:
+    """The output band-limit of a truncated transform (``L`` when ``L_band`` is None)."""
+    Lb = L if L_band is None else int(L_band)
+    if not 1 <= Lb <= L:
+        raise ValueError(f"band-limit {Lb} must be in 1..{L}")
+    return Lb
+
+
+def s2_forward_half(f: jax.Array, table: jax.Array, L_band: int | None = None) -> jax.Array:
+    """Real S2 signal ``[B, 2L, 2L-1, C]`` -> coefficients ``m >= 0``: ``[B, Lb, Lb, C]`` ``[:, l, m]``
+    with ``l, m < Lb`` (``Lb = L_band``, default ``L``): the first ``Lb`` degrees only, computed
+    without the others."""
     L = table.shape[1]
     _check_s2(f, L)
+    Lb = _band(L, L_band)
     if transforms() == "s2fft":
         from s2fft.precompute_transforms import spherical
 
         fwd = lambda x: spherical.forward(x, L, 0, table, sampling="dh", reality=True, method="jax")
-        return _vmap_bc(fwd, f)[:, :, L - 1 :]
-    ftm = jnp.fft.rfft(f, axis=2)  # [B, t, m>=0, C]
-    return jnp.einsum("tlm,btmc->blmc", table.astype(ftm.dtype), ftm)
+        return _vmap_bc(fwd, f)[:, :Lb, L - 1 : L - 1 + Lb]
+    ftm = jnp.fft.rfft(f, axis=2)[:, :, :Lb]  # [B, t, m>=0, C]
+    return jnp.einsum("tlm,btmc->blmc", table[:, :Lb, :Lb].astype(ftm.dtype), ftm)
 
 
 def s2_inverse_half(flm: jax.Array, table: jax.Array) -> jax.Array:
-    """Coefficients ``m >= 0`` ``[B, L, L, C]`` -> real S2 signal ``[B, 2L, 2L-1, C]``."""
+    """Coefficients ``m >= 0`` ``[B, Lb, Lb, C]`` (any ``Lb <= L``; the degrees ``l >= Lb`` are
+    zero) -> real S2 signal ``[B, 2L, 2L-1, C]``."""
     L = table.shape[1]
+    Lb = flm.shape[1]
+    if flm.ndim != 4 or flm.shape[2] != Lb or Lb > L:
+        raise ValueError(f"S2 half coefficients must be [batch, Lb, Lb, channels] with Lb <= {L}, got {flm.shape}")
     if transforms() == "s2fft":
         from s2fft.precompute_transforms import spherical
 
+        flm = _pad_to(flm, (L, L), (1, 2))
         inv = lambda c: jnp.real(spherical.inverse(c, L, 0, table, sampling="dh", reality=True, method="jax"))
         return _vmap_bc(inv, s2_half_to_full(flm))
-    ftm = jnp.einsum("tlm,blmc->btmc", table.astype(flm.dtype), flm)
-    return jnp.fft.irfft(ftm, n=2 * L - 1, axis=2, norm="forward")
+    ftm = jnp.einsum("tlm,blmc->btmc", table[:, :Lb, :Lb].astype(flm.dtype), flm)
+    return jnp.fft.irfft(ftm, n=2 * L - 1, axis=2, norm="forward")  # m >= Lb: zero
+
+
+def _pad_to(x: jax.Array, sizes, axes, centre_axes=()) -> jax.Array:
+    """Zero-pad ``x`` at the end of ``axes`` (on both sides of ``centre_axes``) to ``sizes``."""
+    pad = [(0, 0)] * x.ndim
+    for size, ax in zip(sizes, axes):
+        extra = size - x.shape[ax]
+        pad[ax] = (extra // 2, extra // 2) if ax in centre_axes else (0, extra)
+    return jnp.pad(x, pad)
 
 
 def s2_half_to_full(flm_half: jax.Array) -> jax.Array:
@@ -311,20 +336,26 @@ def _so3_method() -> str:
     return transforms()
 
 
-def so3_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
-    """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> half coefficients ``[B, N, L, 2L-1, C]``."""
+def so3_forward_half(f: jax.Array, table: jax.Array, L_band: int | None = None) -> jax.Array:
+    """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> half coefficients ``[B, Nb, Lb, 2Lb-1, C]``:
+    ``n < Nb``, ``l < Lb``, ``|m| < Lb`` with ``Lb = L_band`` (default ``L``) and ``Nb = min(N, Lb)``.
+    A truncated transform computes only the coefficients it returns."""
     N, _, L, _ = table.shape
     _check_so3(f, L, N)
+    Lb = _band(L, L_band)
+    Nb = min(N, Lb)
+    ms = slice(L - Lb, L + Lb - 1)  # |m| < Lb
     if _so3_method() == "s2fft":
         from s2fft.precompute_transforms import wigner
 
         fwd = lambda x: wigner.forward(x, L, N, table, sampling="dh", reality=True, method="jax")
-        return _vmap_bc(fwd, f)[:, N - 1 :]
+        return _vmap_bc(fwd, f)[:, N - 1 : N - 1 + Nb, :Lb, ms]
+    tab = table[:Nb, :, :Lb, ms]
     if _so3_method() == "fft":
-        fban = jnp.fft.rfft(f, axis=1)  # gamma -> n >= 0
-        fban = jnp.fft.fftshift(jnp.fft.fft(fban, axis=3), axes=3)  # alpha -> m
-        return jnp.einsum("ntlm,bntmc->bnlmc", table.astype(fban.dtype), fban)
-    am_c, am_s, gn_c, gn_s = _dft_mats(L, N)
+        fban = jnp.fft.rfft(f, axis=1)[:, :Nb]  # gamma -> 0 <= n < Nb
+        fban = jnp.fft.fftshift(jnp.fft.fft(fban, axis=3), axes=3)[:, :, :, ms]  # alpha -> |m| < Lb
+        return jnp.einsum("ntlm,bntmc->bnlmc", tab.astype(fban.dtype), fban)
+    am_c, am_s, gn_c, gn_s = (a[s] for a, s in zip(_dft_mats(L, N), (ms, ms, slice(Nb), slice(Nb))))
     # gamma -> n >= 0: sum_k f e^{-i n gamma_k}
     a_re = jnp.einsum("bktpc,nk->bntpc", f, gn_c)
     a_im = -jnp.einsum("bktpc,nk->bntpc", f, gn_s)
@@ -332,8 +363,8 @@ def so3_forward_half(f: jax.Array, table: jax.Array) -> jax.Array:
     b_re = jnp.einsum("bntpc,mp->bntmc", a_re, am_c) + jnp.einsum("bntpc,mp->bntmc", a_im, am_s)
     b_im = jnp.einsum("bntpc,mp->bntmc", a_im, am_c) - jnp.einsum("bntpc,mp->bntmc", a_re, am_s)
     # beta -> l with the (real) Wigner table
-    re = jnp.einsum("ntlm,bntmc->bnlmc", table, b_re)
-    im = jnp.einsum("ntlm,bntmc->bnlmc", table, b_im)
+    re = jnp.einsum("ntlm,bntmc->bnlmc", tab, b_re)
+    im = jnp.einsum("ntlm,bntmc->bnlmc", tab, b_im)
     return jax.lax.complex(re, im)
 
 
@@ -347,14 +378,26 @@ def so3_half_to_full(flmn_half: jax.Array) -> jax.Array:
     return jnp.concatenate([neg, flmn_half], axis=1)
 
 
-def so3_forward(f: jax.Array, table: jax.Array) -> jax.Array:
-    """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> ``flmn [B, 2N-1, L, 2L-1, C]``."""
-    return so3_half_to_full(so3_forward_half(f, table))
+def so3_forward(f: jax.Array, table: jax.Array, L_band: int | None = None) -> jax.Array:
+    """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> ``flmn [B, 2N-1, L, 2L-1, C]`` (with
+    ``L_band``: ``[B, 2Nb-1, Lb, 2Lb-1, C]``, see :func:`so3_forward_half`)."""
+    return so3_half_to_full(so3_forward_half(f, table, L_band))
 
 
 def so3_inverse_half(flmn_half: jax.Array, table: jax.Array) -> jax.Array:
-    """Half coefficients ``[B, N, L, 2L-1, C]`` of a real signal -> ``[B, 2N-1, 2L, 2L-1, C]``."""
+    """Half coefficients ``[B, Nb, Lb, 2Lb-1, C]`` of a real signal (any ``Nb <= N``, ``Lb <= L``;
+    the coefficients outside are zero) -> ``[B, 2N-1, 2L, 2L-1, C]``. A band-limited input costs
+    only its own coefficients."""
     N, _, L, _ = table.shape
+    Nb, Lb = flmn_half.shape[1], flmn_half.shape[2]
+    if flmn_half.ndim != 5 or flmn_half.shape[3] != 2 * Lb - 1 or Nb > N or Lb > L:
+        raise ValueError(
+            f"SO(3) half coefficients must be [batch, Nb <= {N}, Lb <= {L}, 2 Lb - 1, channels], got {flmn_half.shape}"
+        )
+    ms = slice(L - Lb, L + Lb - 1)
+    if _so3_method() in ("s2fft", "fft") and (Nb, Lb) != (N, L):
+        flmn_half = _pad_to(flmn_half, (N, L, 2 * L - 1), (1, 2, 3), centre_axes=(3,))
+        Nb, Lb, ms = N, L, slice(None)
     if _so3_method() == "s2fft":
         from s2fft.precompute_transforms import wigner
 
@@ -364,10 +407,11 @@ def so3_inverse_half(flmn_half: jax.Array, table: jax.Array) -> jax.Array:
         fnab = jnp.einsum("ntlm,bnlmc->bntmc", table.astype(flmn_half.dtype), flmn_half)
         fnab = jnp.fft.ifft(jnp.fft.ifftshift(fnab, axes=3), axis=3, norm="forward")  # m -> alpha
         return jnp.fft.irfft(fnab, n=2 * N - 1, axis=1, norm="forward")  # n -> gamma
-    am_c, am_s, gn_c, gn_s = _dft_mats(L, N)
-    w = np.where(np.arange(N) == 0, 1.0, 2.0).astype(np.float32)[:, None]  # n and -n together
-    re = jnp.einsum("ntlm,bnlmc->bntmc", table, jnp.real(flmn_half))
-    im = jnp.einsum("ntlm,bnlmc->bntmc", table, jnp.imag(flmn_half))
+    am_c, am_s, gn_c, gn_s = (a[s] for a, s in zip(_dft_mats(L, N), (ms, ms, slice(Nb), slice(Nb))))
+    tab = table[:Nb, :, :Lb, ms]
+    w = np.where(np.arange(Nb) == 0, 1.0, 2.0).astype(np.float32)[:, None]  # n and -n together
+    re = jnp.einsum("ntlm,bnlmc->bntmc", tab, jnp.real(flmn_half))
+    im = jnp.einsum("ntlm,bnlmc->bntmc", tab, jnp.imag(flmn_half))
     # m -> alpha: sum_m x e^{i m alpha_p}
     h_re = jnp.einsum("bntmc,mp->bntpc", re, am_c) - jnp.einsum("bntmc,mp->bntpc", im, am_s)
     h_im = jnp.einsum("bntmc,mp->bntpc", re, am_s) + jnp.einsum("bntmc,mp->bntpc", im, am_c)

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -34,6 +36,10 @@ from sphere_jax.data import pipeline, sphere
 from sphere_jax.models import registry
 
 SOURCES = ("tfds", "synthetic", "npz")
+
+
+class Preempted(RuntimeError):
+    """A run stopped by SIGTERM after saving its latest checkpoint (the same command resumes it)."""
 
 
 class RunError(RuntimeError):
@@ -361,13 +367,17 @@ def _initial_variables(setup: RunSetup, key) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, src)
 
 
-def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int | None = None) -> dict:
+def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int | None = None,
+        _term_at_step: int | None = None) -> dict:
     """Train (or resume) the run in ``workdir``; returns the final test metrics.
 
     At the end the best checkpoint is evaluated on the test digits with the run's test rotation
     (the returned record) and with the other one (canonical <-> rotated), both appended to
-    ``metrics.jsonl``. ``_kill_at_step`` (tests only) SIGKILLs the process right after that
-    step's checkpoint.
+    ``metrics.jsonl``. SIGTERM (a preemption, ``launch.run_grid`` stopping at its budget) ends
+    the current step, saves the latest checkpoint, logs ``{"preempted": ...}`` and raises
+    :class:`Preempted`; the same call resumes from there. ``_kill_at_step`` / ``_term_at_step``
+    (tests only) SIGKILL the process right after that step's checkpoint / SIGTERM it after that
+    step.
     """
     cfg.validate()
     workdir = os.path.abspath(workdir)
@@ -414,37 +424,47 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     t0 = time.time()
     losses = []
     stopped_early = cfg.patience and bad_evals >= cfg.patience
-    for step in range(start, 0 if stopped_early else cfg.steps):
-        batch = stream.batch(step)
-        x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
-        state, loss = step_fn(state, setup.tables, x, y)
-        losses.append(loss)
-        done = step + 1
-        bar.step()
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            mean_loss = float(jnp.mean(jnp.stack(losses)))
-            losses = []
-            hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
-            score = _score(task, hold)
-            rec = {"step": done, "epoch": stream.epoch_of(step), "epochs": round(done / stream.steps_per_epoch, 3),
-                   "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
-            _append_jsonl(workdir, rec)
-            bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
-            if score > best_score:
-                best_score, bad_evals = score, 0
-                best.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
-                best.wait_until_finished()
-            else:
-                bad_evals += 1
-            if cfg.patience and bad_evals >= cfg.patience:
-                stopped_early = True
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped_early:
-            latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
-            latest.wait_until_finished()
-            if _kill_at_step is not None and done >= _kill_at_step:
-                os.kill(os.getpid(), 9)
-        if stopped_early:
-            break
+    with _SigtermFlag() as preempted:
+        for step in range(start, 0 if stopped_early else cfg.steps):
+            batch = stream.batch(step)
+            x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
+            state, loss = step_fn(state, setup.tables, x, y)
+            losses.append(loss)
+            done = step + 1
+            bar.step()
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                mean_loss = float(jnp.mean(jnp.stack(losses)))
+                losses = []
+                hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
+                score = _score(task, hold)
+                rec = {"step": done, "epoch": stream.epoch_of(step), "epochs": round(done / stream.steps_per_epoch, 3),
+                       "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
+                _append_jsonl(workdir, rec)
+                bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
+                if score > best_score:
+                    best_score, bad_evals = score, 0
+                    best.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
+                    best.wait_until_finished()
+                else:
+                    bad_evals += 1
+                if cfg.patience and bad_evals >= cfg.patience:
+                    stopped_early = True
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped_early:
+                latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
+                latest.wait_until_finished()
+                if _kill_at_step is not None and done >= _kill_at_step:
+                    os.kill(os.getpid(), 9)
+            if stopped_early:
+                break
+            if _term_at_step is not None and done == _term_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
+            if preempted.raised:
+                if latest.latest_step() != done:
+                    latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
+                    latest.wait_until_finished()
+                _append_jsonl(workdir, {"preempted": {"step": done, "seconds": round(train_seconds + time.time() - t0, 2)}})
+                raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
+                                f"in {workdir}: run the same command to resume")
     bar.close()
     end = {"stopped_early": bool(stopped_early), "final_step": int(state.step)}
     result = evaluate_workdir(workdir, setup=setup, extra=end)
@@ -452,6 +472,28 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     evaluate_workdir(workdir, test_rotate=other.test_rotate, setup=setup.with_config(other), write_summary=False,
                      extra=end)
     return result
+
+
+
+class _SigtermFlag:
+    """While active (main thread only), SIGTERM sets ``self.raised`` instead of killing the process."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def _ckpt(state) -> dict:

@@ -32,7 +32,7 @@ def fake_workdir(workdir, cfg: RunConfig, score: float | None, task: str, second
         if score is not None:
             m = {"accuracy": score, "n": 10} if task == "classify" else dict(SEG_METRICS, miou=score)
             f.write(json.dumps({"test": m, "checkpoint": "best", "checkpoint_step": steps,
-                                "test_rotate": cfg.test_rotate}) + "\n")
+                                "test_rotate": cfg.test_rotate, "stopped_early": False, "final_step": steps}) + "\n")
 
 
 class FakeExecutor:
@@ -179,6 +179,9 @@ def test_runner_skips_finished_runs_and_reruns_unfinished(tmp_path):
     runs = grid.expand(SMALL)
     fake_workdir(runs[0].workdir(root), runs[0].config, 0.9, "classify")  # finished
     fake_workdir(runs[1].workdir(root), runs[1].config, None, "classify")  # started, not finished
+    with open(os.path.join(runs[1].workdir(root), "metrics.jsonl"), "a") as f:  # an interim evaluation of it
+        f.write(json.dumps({"test": {"accuracy": 0.3, "n": 10}, "checkpoint": "best", "checkpoint_step": 100,
+                            "test_rotate": runs[1].config.test_rotate}) + "\n")
     # a test record of another rotation (extra evaluation) does not finish the run
     fake_workdir(runs[2].workdir(root), runs[2].config, None, "classify")
     with open(os.path.join(runs[2].workdir(root), "metrics.jsonl"), "a") as f:

@@ -85,6 +85,35 @@ def test_s2fft_backend_equals_ours(monkeypatch):
     assert rel(out["s2fft"][1], x) < 1e-5  # and the round trip holds
 
 
+@pytest.mark.parametrize("method", ["dft", "fft", "s2fft"])
+def test_band_limited_transforms_equal_the_full_ones_cut_or_padded(method, monkeypatch):
+    """A forward transform truncated to degrees < Lb equals the full one sliced; an inverse of
+    band-limited coefficients equals the inverse of the same coefficients zero-padded."""
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", method)
+    L, Lb = 6, 4
+    rng = np.random.default_rng(5)
+    t = hm.build_tables({**hm.table_specs("s2", L, True), **hm.table_specs("s2", L, False),
+                         **hm.table_specs("so3", L, True), **hm.table_specs("so3", L, False)})
+    s2f, s2i, so3f, so3i = (t[k] for k in (hm.s2_key(L, True), hm.s2_key(L, False), hm.so3_key(L, True), hm.so3_key(L, False)))
+    x = jnp.asarray(rng.normal(size=(2, 2 * L, 2 * L - 1, 3)), jnp.float32)
+    assert rel(hm.s2_forward_half(x, s2f, Lb), hm.s2_forward_half(x, s2f)[:, :Lb, :Lb]) < 1e-5
+    c = hm.s2_forward_half(x, s2f, Lb)
+    padded = jnp.pad(c, ((0, 0), (0, L - Lb), (0, L - Lb), (0, 0)))
+    assert rel(hm.s2_inverse_half(c, s2i), hm.s2_inverse_half(padded, s2i)) < 1e-5
+    f = jnp.asarray(rng.normal(size=(2, 2 * L - 1, 2 * L, 2 * L - 1, 3)), jnp.float32)
+    full = hm.so3_forward_half(f, so3f)  # [B, N, L, 2L-1, C]
+    cut = hm.so3_forward_half(f, so3f, Lb)
+    assert cut.shape == (2, Lb, Lb, 2 * Lb - 1, 3)
+    assert rel(cut, full[:, :Lb, :Lb, L - Lb : L + Lb - 1]) < 1e-5
+    padded = jnp.pad(cut, ((0, 0), (0, L - Lb), (0, L - Lb), (L - Lb, L - Lb), (0, 0)))
+    assert rel(hm.so3_inverse_half(cut, so3i), hm.so3_inverse_half(padded, so3i)) < 1e-5
+    assert rel(hm.so3_forward(f, so3f, Lb), hm.so3_forward(f, so3f)[:, L - Lb : L + Lb - 1, :Lb, L - Lb : L + Lb - 1]) < 1e-5
+    with pytest.raises(ValueError, match="band-limit 7 must be in 1..6"):
+        hm.so3_forward_half(f, so3f, 7)
+    with pytest.raises(ValueError, match="half coefficients"):
+        hm.so3_inverse_half(cut[:, :, :, :-1], so3i)
+
+
 def test_transform_shape_errors():
     with pytest.raises(ValueError, match=r"\[batch, 10, 9, channels\]"):
         hm.s2_forward(jnp.zeros((1, 9, 9, 1)), jnp.asarray(hm.s2_table(5, True)))
@@ -249,9 +278,10 @@ def test_models_give_the_same_logits_with_s2fft_transforms(monkeypatch):
     m = s2cnn.S2CNNSegmenter(cfg)
     x = jax.random.uniform(jax.random.key(0), (2, 2 * L, 2 * L - 1, 1))
     logits = {}
-    for method in ("dft", "s2fft"):
+    for method in ("dft", "fft", "s2fft"):
         monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", method)
         tables = hm.build_tables(m.table_specs())
         v = m.init(jax.random.key(1), x, tables)
         logits[method] = m.apply(v, x, tables)
     assert rel(logits["s2fft"], logits["dft"]) < 1e-5
+    assert rel(logits["fft"], logits["dft"]) < 1e-5

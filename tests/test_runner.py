@@ -20,13 +20,13 @@ TINY_SEG = runner.RunConfig(
 )
 
 
-def _run(workdir, cfg, kill=None, devices=1):
+def _run(workdir, cfg, kill=None, devices=1, term=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, os.path.join(HERE, "run_fit.py"), str(workdir), json.dumps(dataclasses.asdict(cfg))]
-    if kill is not None:
-        cmd.append(str(kill))
+    if kill is not None or term is not None:
+        cmd += [str(-1 if kill is None else kill), str(-1 if term is None else term)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -54,6 +54,17 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _params(full, 8), _params(killed, 8)
     assert np.array_equal(a, b)
+    # SIGTERM (a preemption) after step 5, between checkpoints: step 5 is saved, then resumed
+    termed = tmp_path / "termed"
+    r = _run(termed, TINY_SEG, term=5)
+    assert r.returncode == 143 and "stopped by SIGTERM after step 5 of 8" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [rec["preempted"]["step"] for rec in _records(termed) if "preempted" in rec] == [5]
+    assert not any("test" in rec for rec in _records(termed))
+    params, _, got = runner.restore_params(str(termed), which="latest")
+    assert got == 5
+    r = _run(termed, TINY_SEG)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(a, _params(termed, 8))
     # the evaluate entry point restores the best checkpoint and reproduces the run's test metrics
     e = subprocess.run(
         [sys.executable, "-m", "experiments.evaluate", f"--workdir={full}"],

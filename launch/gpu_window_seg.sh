@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One short GPU window for the segmentation study and the S2CNN's speed (a lent H100/H200):
+#   1. times the 204k segmenter's batch-32 training step at band-limit 50 with each SO(3)
+#      transform variant, and with the code of BEFORE (a copy of an earlier sphere_jax, if given);
+#   2. trains run 0 of paper_segmentation (the S2CNN trained NR on MNIST) with the fastest
+#      variant, beside CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU
+#      default), until TRAIN_S;
+#   3. evaluates the runs that were cut (latest best checkpoint) on all test digits, both
+#      rotations: interim scores, marked as such by launch.aggregate;
+#   4. aggregates and packs small files (at most 8 come back).
+#
+#   bash launch/gpu_window_seg.sh TRAIN_S
+#
+# Env: CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
+# BEFORE (a folder holding an earlier sphere_jax/), VARIANTS (default "dft fft"), PYTHON,
+# SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
+# wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
+set -u
+TRAIN_S=${1:?seconds of training}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
+PY=${PYTHON:-python3}
+CLS_ONLY=${CLS_ONLY-49,51,53,59,65,71,77}
+CLS_JOBS=${CLS_JOBS:-3}
+VARIANTS=${VARIANTS:-dft fft}
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+T0=$(date +%s)
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+  $PY -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if [ -n "${SMOKE:-}" ]; then
+  L=12; SEG_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=8 --set n_test=64)
+  CLS_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=15 --set n_test=64)
+  EVAL_N=64
+else
+  L=50; SEG_SET=(); CLS_SET=(); EVAL_N=0
+fi
+
+# 1. the segmenter's training step per variant (and before), one process each, nothing else running
+bench() {  # bench LABEL PYTHONPATH TRANSFORMS COST
+  SPHERE_JAX_TRANSFORMS=$3 PYTHONPATH=$2 $PY - "$1" "$L" "$4" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+import json, os, sys
+from sphere_jax import benchmark as b
+case = dict(model="s2cnn_204k", L=int(sys.argv[2]), infer_batches=[32], train_batch=32, repeats=5,
+            cost=sys.argv[3] == "1")
+try:
+    row = b.run_case(case)
+except Exception as e:  # a variant that does not compile is a result too
+    row = dict(model=case["model"], L=case["L"], error=f"{type(e).__name__}: {str(e)[:300]}")
+row.update(label=sys.argv[1], transforms=os.environ["SPHERE_JAX_TRANSFORMS"])
+print(json.dumps(row), flush=True)
+PY
+  tail -1 "$OUT/benchmark.jsonl"
+}
+: > "$OUT/benchmark.jsonl"
+BASE=${PYTHONPATH:-}
+for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; done
+if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
+BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r]
+print(min(ok, key=lambda r: r["train_step_s"])["transforms"] if ok else "fft")
+PY
+)
+echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST" | tee -a "$OUT/env.txt"
+
+# 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
+common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
+SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only=0 \
+  --jobs=1 "${common[@]}" "${SEG_SET[@]}" > "$OUT/sweep_seg.log" 2>&1 &
+SEG_PID=$!
+if [ -n "$CLS_ONLY" ]; then
+  timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
+    --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" > "$OUT/sweep_cls.log" 2>&1
+fi
+wait $SEG_PID
+echo "training stopped after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
+
+# 3. interim scores of the runs that were cut: best checkpoint, all test digits, both rotations
+$PY - "$SWEEP" <<'PY' > "$SWEEP/cut_runs.txt"
+import json, os, sys
+from launch.run_grid import final_test, read_records
+for d, _, files in os.walk(sys.argv[1]):
+    if "config.json" in files and os.path.isdir(os.path.join(d, "best")) and not final_test(read_records(d)):
+        print(d)
+PY
+while read -r wd; do
+  [ -z "$wd" ] && continue
+  case "$wd" in */segment/*) export SPHERE_JAX_TRANSFORMS=$BEST ;; *) unset SPHERE_JAX_TRANSFORMS ;; esac
+  for rot in so3 none; do
+    $PY -m experiments.evaluate --workdir="$wd" --test_rotation=$rot --n_test=$EVAL_N 2>&1 | tail -6
+  done
+done < "$SWEEP/cut_runs.txt" > "$OUT/interim.log"
+unset SPHERE_JAX_TRANSFORMS
+echo "interim evaluations done after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
+
+# 4. aggregate and pack (7 files in $OUT: env.txt, benchmark.jsonl, sweep_seg.log, sweep_cls.log,
+#    interim.log, sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with
+#    the S2CNN runs' best and latest checkpoints)
+$PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>> "$OUT/env.txt"
+$PY - <<'PY'
+import os, tarfile
+sweep, out = os.environ.get("SWEEP", "/tmp/sweep"), os.environ.get("OUT", "/tmp/out")
+META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md", "predictions_R.png", "predictions_NR.png")
+runs = sorted(d for d, _, f in os.walk(sweep) if "config.json" in f)
+with tarfile.open(os.path.join(out, "sweep_meta.tgz"), "w:gz") as tar:
+    for d in [sweep] + runs:
+        for f in META:
+            if os.path.exists(os.path.join(d, f)):
+                tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
+    if os.path.isdir(os.path.join(sweep, "aggregate")):
+        tar.add(os.path.join(sweep, "aggregate"), arcname="aggregate")
+with tarfile.open(os.path.join(out, "sweep_state.tgz"), "w:gz") as tar:  # resumable S2CNN runs, best models
+    for d in runs:
+        if "/s2cnn" not in d:
+            continue
+        for sub in ("best", "checkpoints"):
+            if os.path.isdir(os.path.join(d, sub)):
+                tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
+for f in sorted(os.listdir(out)):
+    print(f, os.path.getsize(os.path.join(out, f)) // 1024, "KiB")
+PY
+echo "done after $(( $(date +%s) - T0 )) s"
