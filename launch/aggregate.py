@@ -167,12 +167,16 @@ def group_slug(g: tuple) -> str:
 
 
 def tables(runs: list[dict]) -> dict:
-    """``{group: {"columns": [aug...], "rows": {(model, train, test): {aug: [scores...]}}}}``."""
+    """``{group: {"columns": [aug...], "rows": {(model, train, test): {aug: [scores...]}},
+    "interim": {((model, train, test), aug), ...}}}``; ``interim``: cells with a run cut before its end."""
     out: dict = {}
     for r in runs:
-        g = out.setdefault(group_key(r), {"columns": set(), "rows": defaultdict(lambda: defaultdict(list))})
+        g = out.setdefault(group_key(r), {"columns": set(), "rows": defaultdict(lambda: defaultdict(list)),
+                                          "interim": set()})
         g["columns"].add(r["aug"])
         g["rows"][row_key(r)][r["aug"]].append(r["score"])
+        if not r.get("finished", True):
+            g["interim"].add((row_key(r), r["aug"]))
     for g in out.values():
         g["columns"] = sorted(g["columns"], key=aug_sort_key)
         g["rows"] = {k: dict(g["rows"][k]) for k in sorted(g["rows"], key=row_sort)}
@@ -201,8 +205,13 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
         cols = t["columns"]
         lines.append("| model | " + " | ".join(f"aug {c}" for c in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
-        for (model, train, test), cells in t["rows"].items():
-            lines.append(f"| {model} ({train} -> {test}) | " + " | ".join(cell(task, cells.get(c)) for c in cols) + " |")
+        for key, cells in t["rows"].items():
+            model, train, test = key
+            shown = [cell(task, cells.get(c)) + (" *" if (key, c) in t["interim"] else "") for c in cols]
+            lines.append(f"| {model} ({train} -> {test}) | " + " | ".join(shown) + " |")
+        if t["interim"]:
+            lines += ["", "\\* interim: a run cut before its end (early stopping or the step budget), scored at its "
+                          "best checkpoint so far; not converged"]
         lines.append("")
     if runs:
         lines += ["## Every run", "", "| run | score | metrics | steps | train s | s/step |", "|---|---|---|---|---|---|"]
