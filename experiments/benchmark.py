@@ -1,7 +1,8 @@
 """Benchmark the study's models: python -m experiments.benchmark [--reduced] [--out=DIR].
 
 Writes DIR/benchmark.json (one row per model), DIR/benchmark.md (a table) and
-DIR/latency_vs_batch.png (inference latency against batch size). Without --reduced (or with
+DIR/latency_vs_batch.png (inference latency against batch size); with --torch also
+DIR/vs_torch.md: each planar CNN against its PyTorch twin, timed in the same run. Without --reduced (or with
 --full): the study's band-limits (50 segmentation, 30 classification) and inference batches
 1..64, meant for a GPU; --reduced: small band-limits (12 / 10, raised to what a model needs)
 and batches 1, 4, 16 for a CPU. Every model is measured in its own subprocess (peak RSS).
@@ -36,6 +37,8 @@ flags.DEFINE_list("transforms_L", None, "instead of models: compare the transfor
                   "(dft, fft, s2fft) at these band-limits, e.g. 10,30,50 (writes transforms.json / .md)")
 flags.DEFINE_list("transforms", ["dft", "fft", "s2fft"], "implementations for --transforms_L")
 flags.DEFINE_integer("transform_signals", 16, "--transforms_L: batch x channels = this x 1 real signals")
+flags.DEFINE_bool("torch", False, "also time each planar CNN's PyTorch twin (experiments/torch_twin.py, needs "
+                  "pip install -e .[torch]) on the same machine and report the ratios (vs_torch.md)")
 
 
 def cases():
@@ -77,6 +80,45 @@ def compare_transforms():
     print(table)
 
 
+def torch_peer(row: dict) -> dict:
+    """Time the PyTorch twin of a CNN row (same band-limit, batch, repeats) in a subprocess and add
+    ``torch_train_step_s``, ``torch_infer_s`` and the ratios ours / PyTorch (< 1: we are faster)."""
+    import subprocess
+    import sys
+
+    from sphere_jax.models import cnn
+
+    if row["model"] not in cnn.SEGMENTERS and row["model"] not in cnn.CLASSIFIERS or "error" in row:
+        return row
+    tb = row.get("train_batch") or 32
+    cmd = [sys.executable, "-m", "experiments.torch_twin", row["model"], f"--L={row['L']}", f"--batch={tb}",
+           f"--repeats={FLAGS.repeats}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout)
+    if p.returncode != 0:
+        return {**row, "torch_error": (p.stderr or p.stdout).strip()[-300:]}
+    t = json.loads(p.stdout.strip().splitlines()[-1])
+    out = {**row, "torch_train_step_s": t["torch_train_step_s"], "torch_infer_s": t["torch_infer_s"],
+           "torch_version": t["torch"], "torch_threads": t["threads"]}
+    if row.get("train_step_s"):
+        out["train_vs_torch"] = round(row["train_step_s"] / t["torch_train_step_s"], 3)
+    if str(tb) in row.get("infer_s", {}):
+        out["infer_vs_torch"] = round(row["infer_s"][str(tb)] / t["torch_infer_s"], 3)
+    return out
+
+
+def torch_markdown(rows: list[dict]) -> str:
+    lines = ["| model | L | batch | PyTorch train step | ours | ratio | PyTorch inference | ours | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "torch_train_step_s" not in r:
+            continue
+        tb = str(r.get("train_batch") or 32)
+        lines.append(f"| {r['model']} | {r['L']} | {tb} | {r['torch_train_step_s']:.3f} s | {r.get('train_step_s', 0):.3f} s | "
+                     f"{r.get('train_vs_torch', '-')} | {r['torch_infer_s']:.3f} s | {r['infer_s'].get(tb, 0):.3f} s | "
+                     f"{r.get('infer_vs_torch', '-')} |")
+    return "\n".join(lines) + "\n\nratio = ours / PyTorch's (below 1: ours is faster); same machine, same run.\n"
+
+
 def main(_):
     if FLAGS.transforms_L:
         os.makedirs(FLAGS.out, exist_ok=True)
@@ -86,11 +128,17 @@ def main(_):
     rows = []
     for case in todo:
         rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+        if FLAGS.torch:
+            rows[-1] = torch_peer(rows[-1])
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(FLAGS.out, "benchmark.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(FLAGS.out, "benchmark.md"), "w") as f:
         f.write(benchmark.markdown_table(rows))
+    if FLAGS.torch:
+        with open(os.path.join(FLAGS.out, "vs_torch.md"), "w") as f:
+            f.write(torch_markdown(rows))
+        print(torch_markdown(rows))
     png = benchmark.plot_latency(rows, os.path.join(FLAGS.out, "latency_vs_batch.png"))
     print(benchmark.markdown_table(rows))
     print(f"wrote {FLAGS.out}/benchmark.json, benchmark.md, {os.path.basename(png)}")

@@ -7,7 +7,7 @@ A variant is ``noneG`` (no normalisation, inputs in [0, 1] times G: ``none255`` 
 reference's 0..255 range) or ``rmsT`` (the model scales each input to area-weighted RMS T; the
 library's default is ``rms60``). Everything else is the same: canonical (NR) MNIST training
 digits minus a 500-digit hold-out (seed 0), Adam, seed ``--seed``; the hold-out is scored every
-``--eval_every`` steps and at the end 500 rotated test digits. Writes ``OUT.json`` (curves) and
+``--eval_every`` steps and at the end ``--n_test`` (500) rotated test digits. Writes ``OUT.json`` (curves) and
 ``OUT.png``.
 """
 import dataclasses
@@ -27,6 +27,9 @@ flags.DEFINE_integer("eval_every", 125, "steps between hold-out scores (and loss
 flags.DEFINE_integer("seed", 0, "seed of initialisation and data order")
 flags.DEFINE_list("variants", ["none1", "none255", "rms1", "rms60"], "input scales to compare")
 flags.DEFINE_string("out", "runs/input_scale", "output path without extension")
+flags.DEFINE_string("digits_npz", None, "read MNIST from this .npz (train_images/train_labels/test_images/"
+                    "test_labels, as launch/gpu_window.sh carries it) instead of the installed sources")
+flags.DEFINE_integer("n_test", 500, "rotated test digits scored at the end")
 FLAGS = flags.FLAGS
 
 
@@ -89,7 +92,7 @@ def run_variant(variant, images, labels, test):
             losses = []
             print(variant, json.dumps(curve[-1]), flush=True)
     rot = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.batch_size, rotate=True)
-    t = runner.evaluate_params(predict, task, state.variables, tables, test[0][:500], test[1][:500], rot, 2)
+    t = runner.evaluate_params(predict, task, state.variables, tables, test[0][:FLAGS.n_test], test[1][:FLAGS.n_test], rot, 2)
     return {"variant": variant, "curve": curve, "test_R": t, "seconds": round(time.time() - t0, 1)}
 
 
@@ -139,8 +142,15 @@ def main(_):
     try:
         for v in FLAGS.variants:
             parse_variant(v)
-        images, labels = digits.load_digits("mnist", "train")
-        test = digits.load_digits("mnist", "test")
+        if FLAGS.digits_npz:
+            import numpy as np
+
+            with np.load(FLAGS.digits_npz) as z:
+                images, labels = z["train_images"], z["train_labels"]
+                test = (z["test_images"], z["test_labels"])
+        else:
+            images, labels = digits.load_digits("mnist", "train")
+            test = digits.load_digits("mnist", "test")
     except (ValueError, digits.DigitsSourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

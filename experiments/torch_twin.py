@@ -1,0 +1,198 @@
+"""PyTorch twins of the planar CNNs, a benchmark peer (optional: ``pip install -e .[torch]``).
+
+    python -m experiments.torch_twin MODEL [--L=50] [--batch=32] [--repeats=3] [--check]
+
+prints one JSON line: the twin's median training step (forward, cross-entropy, backward, Adam)
+and inference time on this CPU, with as many torch threads as JAX uses cores. ``--check``
+first loads the JAX model's initial parameters into the twin and compares the logits.
+``python -m experiments.benchmark --torch`` runs this next to each CNN and prints the ratios.
+
+The segmenter is the reference's ``ConvNet_sem_seg`` (JanEGerken/sem_seg_s2cnn): VALID
+``Conv2d`` encoder, ``MaxPool2d`` + 1x1 ``Conv2d`` shortcuts, ``ConvTranspose2d`` decoder with
+per-axis ``output_padding`` (our grids are 2L x (2L-1)), nearest ``Upsample`` + 1x1 shortcuts.
+The classifier is :class:`sphere_jax.models.cnn.CNNClassifier`. Layer sizes come from
+:mod:`sphere_jax.models.cnn`, and the parameter counts are asserted equal. Not part of the
+library or the test suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - the optional peer
+    sys.exit("experiments.torch_twin needs PyTorch: pip install -e .[torch]")
+
+from sphere_jax.models import cnn
+
+
+def _output_padding(din, dout, k, s):
+    return tuple(dout[a] - k - (din[a] - 1) * s for a in (0, 1))
+
+
+class Segmenter(tnn.Module):
+    def __init__(self, hw, cfg: cnn.CNNSegmenterConfig, c_in: int = 1):
+        super().__init__()
+        fs, ks, ss = tuple(cfg.channels), tuple(cfg.kernels), tuple(cfg.strides)
+        n = len(fs)
+        self.use_skips = cfg.use_skips
+        dims = cnn.conv_sizes(hw, ks, ss)
+        self.input_layer = tnn.Conv2d(c_in, fs[0], ks[0], ss[0])
+        self.down = tnn.ModuleList([tnn.Conv2d(fs[i], fs[i + 1], ks[i + 1], ss[i + 1]) for i in range(n - 1)])
+        self.pool = tnn.ModuleList([tnn.MaxPool2d(ks[i + 1], ss[i + 1]) for i in range(n - 1)])
+        self.down_skip = tnn.ModuleList([tnn.Conv2d(fs[i], fs[i + 1], 1) for i in range(n - 1)])
+        self.up = tnn.ModuleList([
+            tnn.ConvTranspose2d(fs[i], fs[i - 1], ks[i], ss[i], output_padding=_output_padding(dims[i + 1], dims[i], ks[i], ss[i]))
+            for i in range(n - 1, 0, -1)])
+        self.up_skip = tnn.ModuleList([tnn.Conv2d(fs[i], fs[i - 1], 1) for i in range(n - 1, 0, -1)])
+        self.upsample = tnn.ModuleList([tnn.Upsample(size=tuple(dims[i]), mode="nearest") for i in range(n - 1, 0, -1)])
+        self.out_layer = tnn.ConvTranspose2d(fs[0], cfg.num_classes, ks[0], ss[0],
+                                             output_padding=_output_padding(dims[1], dims[0], ks[0], ss[0]))
+
+    def forward(self, x):
+        x = F.relu(self.input_layer(x))
+        for i, layer in enumerate(self.down):
+            x = F.relu(layer(x) + self.down_skip[i](self.pool[i](x))) if self.use_skips else F.relu(layer(x))
+        for i, layer in enumerate(self.up):
+            x = F.relu(layer(x) + self.upsample[i](self.up_skip[i](x))) if self.use_skips else F.relu(layer(x))
+        return self.out_layer(x)
+
+
+class Classifier(tnn.Module):
+    def __init__(self, hw, cfg: cnn.CNNClassifierConfig, c_in: int = 1):
+        super().__init__()
+        if tuple(cfg.hidden):
+            raise NotImplementedError("hidden dense layers are not twinned")
+        self.convs = tnn.ModuleList()
+        c = c_in
+        for f, k, s in zip(cfg.channels, cfg.kernels, cfg.strides):
+            self.convs.append(tnn.Conv2d(c, f, k, s))
+            c = f
+        self.global_pool = cfg.global_pool
+        h, w = cnn.conv_sizes(hw, cfg.kernels, cfg.strides)[-1]
+        self.out = tnn.Linear(c if cfg.global_pool else c * h * w, cfg.num_classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = x.mean(dim=(2, 3)) if self.global_pool else x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # (H, W, C) order
+        return self.out(x)
+
+
+def build(name: str, L: int):
+    """``(torch module, (H, W), classes, is_segmenter)`` for a CNN of :mod:`sphere_jax.models.cnn`."""
+    hw = (2 * L, 2 * L - 1)
+    if name in cnn.SEGMENTERS:
+        cfg = cnn.SEGMENTERS[name]
+        return Segmenter(hw, cfg), hw, cfg.num_classes, True
+    if name in cnn.CLASSIFIERS:
+        cfg = cnn.CLASSIFIERS[name]
+        return Classifier(hw, cfg), hw, cfg.num_classes, False
+    raise SystemExit(f"no twin for {name!r}; choose one of {sorted(cnn.SEGMENTERS) + sorted(cnn.CLASSIFIERS)}")
+
+
+def check(name: str, L: int) -> float:
+    """Load the JAX model's initial parameters into the twin; max relative logit difference."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    model, hw, _, seg = build(name, L)
+    jm = cnn.make_cnn(name)
+    x = np.random.default_rng(0).normal(size=(2, *hw, 1)).astype(np.float32)
+    variables = jm.init(jax.random.key(1), jnp.asarray(x))
+    P = {k: np.asarray(v) for k, v in flatten_dict(variables["params"], sep="/").items()}
+
+    def conv(m, pre):  # HWIO -> OIHW
+        m.weight.data = torch.from_numpy(P[pre + "/kernel"].transpose(3, 2, 0, 1).copy())
+        m.bias.data = torch.from_numpy(P[pre + "/bias"].copy())
+
+    def conv_t(m, pre):  # Flax ConvTranspose (k, k, I, O), y[i s + j] += x[i] w[k-1-j] -> torch (I, O, k, k)
+        m.weight.data = torch.from_numpy(P[pre + "/kernel"][::-1, ::-1].transpose(2, 3, 0, 1).copy())
+        m.bias.data = torch.from_numpy(P[pre + "/bias"].copy())
+
+    if seg:
+        n = len(cnn.SEGMENTERS[name].channels)
+        conv(model.input_layer, "enc_conv_0")
+        for i in range(1, n):
+            conv(model.down[i - 1], f"enc_conv_{i}")
+            conv(model.down_skip[i - 1], f"enc_skip_{i}")
+        for j, i in enumerate(range(n - 1, 0, -1)):
+            conv_t(model.up[j], f"dec_conv_{i}")
+            conv(model.up_skip[j], f"dec_skip_{i}")
+        conv_t(model.out_layer, "out_conv")
+    else:
+        for i, c in enumerate(model.convs):
+            conv(c, f"conv_{i}")
+        model.out.weight.data = torch.from_numpy(P["out/kernel"].T.copy())
+        model.out.bias.data = torch.from_numpy(P["out/bias"].copy())
+    yj = np.asarray(jm.apply(variables, jnp.asarray(x)))
+    with torch.no_grad():
+        yt = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    if seg:
+        yt = yt.transpose(0, 2, 3, 1)
+    return float(np.max(np.abs(yt - yj)) / np.max(np.abs(yj)))
+
+
+def timing(name: str, L: int, batch: int = 32, repeats: int = 3) -> dict:
+    """Median training step and inference of the twin at batch ``batch`` (after 2 warm-ups)."""
+    torch.manual_seed(0)
+    model, hw, ncls, seg = build(name, L)
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(batch, 1, *hw)
+    y = torch.randint(0, ncls, (batch, *hw) if seg else (batch,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def infer():
+        with torch.no_grad():
+            return model(x).sum().item()
+
+    for f in (train, infer):
+        f(), f()
+    ts = {"train": [], "infer": []}
+    for _ in range(repeats):
+        for k, f in (("train", train), ("infer", infer)):
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {"model": name, "L": L, "batch": batch, "params": int(params), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "torch_train_step_s": float(np.median(ts["train"])),
+            "torch_infer_s": float(np.median(ts["infer"]))}
+
+
+def main(argv):
+    args = {a.split("=")[0]: (a.split("=", 1)[1] if "=" in a else True) for a in argv[1:] if a.startswith("--")}
+    names = [a for a in argv[1:] if not a.startswith("--")]
+    if len(names) != 1:
+        raise SystemExit(__doc__)
+    torch.set_num_threads(int(args.get("--threads", os.cpu_count() or 1)))
+    L = int(args.get("--L", 50 if names[0] in cnn.SEGMENTERS else 30))
+    out = {}
+    if args.get("--check"):
+        out["check_rel_err"] = check(names[0], L)
+        if out["check_rel_err"] > 1e-4:
+            raise SystemExit(f"twin of {names[0]} disagrees with the JAX model: {out['check_rel_err']:.2e}")
+    out.update(timing(names[0], L, int(args.get("--batch", 32)), int(args.get("--repeats", 3))))
+    ref = cnn.count_params(cnn.make_cnn(names[0]).init(
+        __import__("jax").random.key(0), np.zeros((1, 2 * L, 2 * L - 1, 1), np.float32))["params"])
+    if out["params"] != ref:
+        raise SystemExit(f"twin of {names[0]} has {out['params']} parameters, the JAX model {ref}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,334 @@
+"""Planar convolutions for XLA:CPU with hand-written gradients (the CNNs' CPU path).
+
+Why: on XLA:CPU (jaxlib 0.10, 2 cores) the automatic gradients of ``lax.conv_general_dilated``
+are slow for the shapes of the planar CNN segmenters. The weight gradient becomes a convolution
+whose "kernel" is the whole output image (``window=80x79``), which XLA hands to YNNPACK by
+default (7-13x slower than the formulation below); YNNPACK also runs the forward VALID convs
+1.3-3x slower than Eigen; and a strided transposed convolution is a convolution with
+``lhs_dilation``, which neither library takes.
+
+Every layer is built from three kernels, each a fast operation on XLA:CPU:
+
+* ``_fwd``: VALID convolution. Stride 1: one ``lax.conv_general_dilated`` padded by ``k`` zero
+  columns on the right, then cropped (the wider-than-input output keeps the conv on Eigen).
+  Stride ``s > 1``: the same on the space-to-depth input (stride-1 conv, kernel ``ceil(k/s)``,
+  ``s*s*Cin`` channels);
+* ``_adj``: its adjoint w.r.t. the input (a transposed convolution): a stride-1 convolution of
+  the fully padded cotangent with the flipped kernel; for ``s > 1`` the ``s*s`` output phases at
+  once (sub-kernels stacked on the output channels), then depth-to-space;
+* ``_wgrad``: the weight gradient. Stride 1: XLA's own formulation (batch contracted, the
+  cotangent as the kernel), padded to stay on Eigen. Stride ``s > 1``: ``k*k`` tap matmuls
+  ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks.
+
+:func:`conv2d` and :func:`conv_transpose2d` are ``jax.custom_vjp`` functions wired from these
+kernels (the forward of one is the input gradient of the other). Values and gradients equal
+the ``lax`` / Flax formulations to float32 round-off (``tests/test_cnn_cpu.py``). Layout NHWC /
+HWIO, square kernels and strides, VALID padding. :mod:`sphere_jax.models.cnn` uses them on
+the CPU backend only (``conv_impl="auto"``); on GPU the plain ``lax`` convolutions are faster.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "dense_1x1"]
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+# Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
+# batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
+WGRAD_CHUNK_ELEMS = 6000  # target B_chunk * Ho * Wo per iteration
+
+
+def _out(n: int, k: int, s: int) -> int:
+    return (n - k) // s + 1
+
+
+# --------------------------------------------------------------------------- the 3 kernels
+
+
+def _fwd(x, w, s):
+    """VALID conv, stride s: x [B,H,W,Ci], w [k,k,Ci,Co] -> [B,Ho,Wo,Co].
+
+    Stride 1: one Eigen convolution, padded by k zero columns on the right and cropped. The
+    padding makes the output wider than the input, and XLA then does not hand the conv to
+    YNNPACK (``IsConvolutionOpSupportedByYnn``), whose convs ran 1.3-3x slower than Eigen's
+    on these shapes (jaxlib 0.10.2, 2 cores). Stride s > 1: a stride-1 conv of the
+    space-to-depth input with the kernel split into ceil(k/s)^2 taps of s*s*Ci channels.
+    """
+    k, _, ci, co = w.shape
+    if s > 1:
+        return _fwd_s2d(x, w, s)
+    Wo = _out(x.shape[2], k, 1)
+    y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
+                                 precision=lax.Precision.HIGHEST)
+    return y[:, :, :Wo]
+
+
+def _fwd_s2d(x, w, s):
+    """Stride-s VALID conv as a stride-1 conv of the space-to-depth input (kernel ceil(k/s))."""
+    k, _, ci, co = w.shape
+    B, H, W, _ = x.shape
+    Ho, Wo = _out(H, k, s), _out(W, k, s)
+    K = -(-k // s)
+    H2, W2 = Ho + K - 1, Wo + K - 1
+    x = x[:, :min(H, H2 * s), :min(W, W2 * s)]
+    x = jnp.pad(x, ((0, 0), (0, H2 * s - x.shape[1]), (0, W2 * s - x.shape[2]), (0, 0)))
+    xs = x.reshape(B, H2, s, W2, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(B, H2, W2, s * s * ci)
+    wp = jnp.pad(w, ((0, K * s - k), (0, K * s - k), (0, 0), (0, 0)))
+    ws = wp.reshape(K, s, K, s, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(K, K, s * s * ci, co)
+    return _fwd(xs, ws, 1)
+
+
+def _adj(dy, w, s, hw):
+    """Adjoint of ``_fwd`` w.r.t. x: dy [B,Ho,Wo,Co], w [k,k,Ci,Co] -> [B,H,W,Ci].
+
+    dx[s*m + r] = sum_u dy[m - u] w[r + s*u] (per axis): a stride-1 full correlation per phase r.
+    """
+    k, _, ci, co = w.shape
+    H, W = hw
+    B, Ho, Wo, _ = dy.shape
+    hi = lax.Precision.HIGHEST
+    if s == 1:
+        wf = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Co,Ci]
+        return lax.conv_general_dilated(dy, wf, (1, 1), ((k - 1, H - Ho), (k - 1, W - Wo)),
+                                        dimension_numbers=_DN, precision=hi)
+    K = -(-k // s)
+    M1, M2 = -(-H // s), -(-W // s)
+    wp = jnp.pad(w, ((0, K * s - k), (0, K * s - k), (0, 0), (0, 0)))
+    we = wp.reshape(K, s, K, s, ci, co)                                   # u1,r1,u2,r2,ci,co
+    kc = we[::-1, :, ::-1].transpose(0, 2, 5, 1, 3, 4).reshape(K, K, co, s * s * ci)
+    y = lax.conv_general_dilated(dy, kc, (1, 1), ((K - 1, M1 - Ho), (K - 1, M2 - Wo)),
+                                 dimension_numbers=_DN, precision=hi)   # [B,M1,M2,s*s*ci]
+    y = y.reshape(B, M1, M2, s, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(B, M1 * s, M2 * s, ci)
+    return y[:, :H, :W]
+
+
+def _chunk(B: int, per_sample: int) -> int:
+    target = max(1, WGRAD_CHUNK_ELEMS // max(per_sample, 1))
+    return max(d for d in range(1, B + 1) if B % d == 0 and d <= target)
+
+
+def _wgrad(x, dy, k, s):
+    """Weight gradient of ``_fwd``: x [B,H,W,Ci], dy [B,Ho,Wo,Co] -> [k,k,Ci,Co].
+
+    Stride 1: one Eigen convolution with batch and features swapped (the formulation of XLA's
+    own autodiff: lhs x as [Ci | H, W | B], kernel dy as [H_o, W_o | B -> Co]), with dy padded
+    by zero columns to W+1 so that the kernel is wider than the input and XLA keeps the conv
+    off YNNPACK (7-13x slower there). Stride s > 1: ``_wgrad_taps``.
+    """
+    if s > 1:
+        return _wgrad_taps(x, dy, k, s)
+    B, H, W, ci = x.shape
+    _, Ho, Wo, co = dy.shape
+    padw = W + 1 - Wo
+    dyp = jnp.pad(dy, ((0, 0), (0, 0), (0, padw), (0, 0)))
+    g = lax.conv_general_dilated(x, dyp, (1, 1), ((0, 0), (0, padw)),
+                                 dimension_numbers=("CHWN", "IHWO", "NHWC"),
+                                 precision=lax.Precision.HIGHEST)  # [Ci, k, k, Co]
+    return g.transpose(1, 2, 0, 3)
+
+
+def _wgrad_taps(x, dy, k, s):
+    """k*k tap matmuls x_tap^T @ dy, accumulated in a loop over small batch chunks."""
+    B, H, W, ci = x.shape
+    _, Ho, Wo, co = dy.shape
+    cb = _chunk(B, Ho * Wo)
+    nc = B // cb
+    xr = x.reshape(nc, cb, H, W, ci)
+    dr = dy.reshape(nc, cb, Ho, Wo, co)
+    hi = lax.Precision.HIGHEST
+
+    def taps_grad(xi, di):
+        di = di.reshape(-1, co)
+        gs = []
+        for a in range(k):
+            for b in range(k):
+                t = xi[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :].reshape(-1, ci)
+                gs.append(lax.dot_general(t, di, (((0,), (0,)), ((), ())), precision=hi))
+        return jnp.stack(gs)  # [k*k, ci, co]
+
+    if nc == 1:
+        g = taps_grad(xr[0], dr[0])
+    else:
+        g = lax.fori_loop(0, nc, lambda i, acc: acc + taps_grad(xr[i], dr[i]),
+                          jnp.zeros((k * k, ci, co), x.dtype))
+    return g.reshape(k, k, ci, co)
+
+
+# --------------------------------------------------------------------------- custom-vjp ops
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_op(x, w, s):
+    return _fwd(x, w, s)
+
+
+def _conv_op_fwd(x, w, s):
+    return _fwd(x, w, s), (x, w)
+
+
+def _conv_op_bwd(s, res, g):
+    x, w = res
+    return _adj(g, w, s, x.shape[1:3]), _wgrad(x, g, w.shape[0], s)
+
+
+_conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _adj_op(x, wc, s, hw):
+    """x [B,h,w,Co'] -> [B,H,W,Ci']: the transpose of the VALID conv with weight wc [k,k,Ci',Co']."""
+    return _adj(x, wc, s, hw)
+
+
+def _adj_op_fwd(x, wc, s, hw):
+    return _adj(x, wc, s, hw), (x, wc)
+
+
+def _adj_op_bwd(s, hw, res, g):
+    x, wc = res
+    return _fwd(g, wc, s), _wgrad(g, x, wc.shape[0], s)
+
+
+_adj_op.defvjp(_adj_op_fwd, _adj_op_bwd)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def conv2d(x, w, b, stride: int):
+    """VALID 2-D convolution (cross-correlation), NHWC / HWIO, square stride.
+
+    Args:
+      x: ``[B, H, W, Cin]``; w: ``[k, k, Cin, Cout]``; b: ``[Cout]`` or ``None``; stride: int.
+    Returns:
+      ``[B, (H-k)//s+1, (W-k)//s+1, Cout]`` -- equal to
+      ``lax.conv_general_dilated(x, w, (s, s), "VALID") + b`` (and to Flax ``nn.Conv(padding="VALID")``).
+    """
+    k = w.shape[0]
+    s = int(stride)
+    if k == 1:
+        y = dense_1x1(x[:, ::s, ::s] if s > 1 else x, w)
+    else:
+        y = _conv_op(x, w, s)
+    return y if b is None else y + b
+
+
+def conv_transpose2d(x, w, b, stride: int, out_hw):
+    """Flax ``nn.ConvTranspose`` of ``cnn.CNNSegmenter``'s decoder, with PyTorch output_padding.
+
+    Semantics: ``lax.conv_general_dilated(x, w, (1, 1), ((k-1, k-1+e0), (k-1, k-1+e1)),
+    lhs_dilation=(s, s)) + b`` with ``e_a = out_hw[a] - k - (in_a - 1) * s`` in ``[0, s)``; i.e.
+    ``y[i*s + j] += x[i] @ w[k-1-j]`` per axis, the ``e`` trailing rows/columns get only the bias.
+
+    Args:
+      x: ``[B, h, w, Cin]``; w: ``[k, k, Cin, Cout]`` (Flax ConvTranspose kernel layout,
+      ``transpose_kernel=False``); b: ``[Cout]`` or ``None``; stride: int; out_hw: ``(H, W)``.
+    Returns:
+      ``[B, H, W, Cout]``.
+    """
+    k = w.shape[0]
+    s = int(stride)
+    H, W = int(out_hw[0]), int(out_hw[1])
+    for a, n in enumerate((H, W)):
+        e = n - k - (x.shape[1 + a] - 1) * s
+        if not 0 <= e < s:
+            raise ValueError(f"conv_transpose2d: out_hw {out_hw} unreachable from input {x.shape} "
+                             f"with kernel {k}, stride {s}")
+    wc = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Cout,Cin]: conv weight of the adjoint
+    y = _adj_op(x, wc, s, (H, W))
+    return y if b is None else y + b
+
+
+def dense_1x1(x, w):
+    """1x1 convolution as a matmul: x [..., Cin], w [1, 1, Cin, Cout] -> [..., Cout]."""
+    return jnp.dot(x, w.reshape(w.shape[-2], w.shape[-1]), precision=lax.Precision.HIGHEST)
+
+
+def _first_max_1d(x, k, s, axis):
+    """VALID max over windows (k, s) along ``axis``; returns (max, index-in-window of first max)."""
+    n = x.shape[axis]
+    m = (n - k) // s + 1
+    def tap(j):
+        return lax.slice_in_dim(x, j, j + s * (m - 1) + 1, s, axis)
+    best = tap(0)
+    idx = jnp.zeros(best.shape, jnp.int32)
+    for j in range(1, k):
+        t = tap(j)
+        upd = t > best  # strict: ties keep the earlier (first) element
+        best = jnp.where(upd, t, best)
+        idx = jnp.where(upd, j, idx)
+    return best, idx
+
+
+def _scatter_1d(g, idx, k, s, n, axis):
+    """Adjoint of picking tap ``idx`` of each window: place g back on an axis of length n."""
+    m = g.shape[axis]
+    out = None
+    for j in range(k):
+        gj = jnp.where(idx == j, g, 0)
+        cfg = [(0, 0, 0)] * g.ndim
+        cfg[axis] = (j, n - j - s * (m - 1) - 1, s - 1)
+        p = lax.pad(gj, jnp.zeros((), g.dtype), cfg)
+        out = p if out is None else out + p
+    return out
+
+
+def max_pool_valid(x, k: int, s: int):
+    """``nn.max_pool(x, (k, k), (s, s), "VALID")`` (NHWC), separable, same values and gradient.
+
+    A max over columns then over rows. The gradient goes to the first maximum of each window in
+    row-major order, as XLA's ``select_and_scatter`` does for the 2-D ``reduce_window`` max (it
+    matters after a ReLU: ties of 0). k < 9: explicit taps with first-argmax bookkeeping
+    (3-4x faster than ``nn.max_pool`` fwd+bwd); k >= 9: two 1-D ``reduce_window`` maxima with
+    JAX's own gradient (3.4x faster than ``nn.max_pool`` at k=9, where the taps are slower).
+    """
+    if k >= 9:
+        x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, k, 1), (1, 1, s, 1), "VALID")
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, 1, 1), (1, s, 1, 1), "VALID")
+    return _max_pool_taps(x, k, s)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_taps(x, k: int, s: int):
+    r, _ = _first_max_1d(x, k, s, 2)
+    y, _ = _first_max_1d(r, k, s, 1)
+    return y
+
+
+def _mp_fwd(x, k, s):
+    r, ir = _first_max_1d(x, k, s, 2)
+    y, iy = _first_max_1d(r, k, s, 1)
+    return y, (ir, iy, x.shape)
+
+
+def _mp_bwd(k, s, res, g):
+    ir, iy, shape = res
+    gr = _scatter_1d(g, iy, k, s, ir.shape[1], 1)
+    return (_scatter_1d(gr, ir, k, s, shape[2], 2),)
+
+
+_max_pool_taps.defvjp(_mp_fwd, _mp_bwd)
+
+
+def _resize_matrix(cur: int, tgt: int) -> np.ndarray:
+    idx = (np.arange(tgt) * cur) // tgt
+    m = np.zeros((tgt, cur), np.float32)
+    m[np.arange(tgt), idx] = 1.0
+    return m
+
+
+def nearest_resize(x, size):
+    """``cnn._nearest_resize``: source index ``floor(i * h / H)`` per axis, as 0/1 matmuls."""
+    hi = lax.Precision.HIGHEST
+    if x.shape[1] != size[0]:
+        x = jnp.einsum("Hh,bhwc->bHwc", jnp.asarray(_resize_matrix(x.shape[1], size[0])), x, precision=hi)
+    if x.shape[2] != size[1]:
+        x = jnp.einsum("Ww,bhwc->bhWc", jnp.asarray(_resize_matrix(x.shape[2], size[1])), x, precision=hi)
+    return x

@@ -1,0 +1,192 @@
+"""The CNNs' CPU convolutions (sphere_jax.models.conv_cpu) against the lax / Flax formulations:
+values and every gradient (dx, dw, db) for each kernel size and stride the models use, max-pool
+with ties, nearest resize, and whole models (same parameters, logits and gradients)."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from sphere_jax.models import cnn
+from sphere_jax.models import conv_cpu as fc
+
+TOL = 1e-5
+# (kernel, stride) of cnn.py's SEGMENTERS (enc/dec) and CLASSIFIERS, plus the 1x1 shortcuts.
+PAIRS = sorted({(5, 1), (3, 1), (9, 1), (7, 1), (3, 2), (5, 2), (7, 2),   # segmenters
+                (5, 3), (3, 1), (3, 2), (5, 2),                          # classifiers
+                (1, 1)})
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _sizes(k, s):
+    # a few input sizes so that every output_padding e in [0, s) and odd/even sizes occur
+    base = k + 2 * s
+    return [(base + d, base + d + 1) for d in range(s + 1)]
+
+
+def _ref_conv(x, w, b, s):
+    return lax.conv_general_dilated(x, w, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST) + b
+
+
+def _ref_convT(x, w, b, s, out_hw):
+    # exactly cnn.CNNSegmenter's decoder layer
+    k = w.shape[0]
+    extra = [out_hw[a] - k - (x.shape[1 + a] - 1) * s for a in (0, 1)]
+    m = nn.ConvTranspose(w.shape[-1], (k, k), strides=(s, s),
+                         padding=((k - 1, k - 1 + extra[0]), (k - 1, k - 1 + extra[1])),
+                         precision=lax.Precision.HIGHEST)
+    return m.apply({"params": {"kernel": w, "bias": b}}, x)
+
+
+def _rand(rng, shape, relu=False):
+    a = rng.normal(size=shape).astype(np.float32)
+    if relu:
+        a = np.maximum(a, 0)
+    return jnp.asarray(a)
+
+
+def _modes(pairs):
+    """Strided pairs also run with a 1-sample loop in the weight gradient (the fori_loop path)."""
+    return [(k, s, m) for k, s in pairs for m in (("default", "chunk1") if s > 1 else ("default",))]
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    def set_mode(mode):
+        if mode != "default":
+            monkeypatch.setattr(fc, "WGRAD_CHUNK_ELEMS", 1)
+    return set_mode
+
+
+@pytest.mark.parametrize("k,s,mode", _modes(PAIRS))
+def test_conv2d_forward_and_grads(k, s, mode, chunked):
+    chunked(mode)
+    rng = np.random.default_rng(k * 10 + s)
+    for H, W in _sizes(k, s):
+        x = _rand(rng, (2, H, W, 3))
+        w = _rand(rng, (k, k, 3, 4))
+        b = _rand(rng, (4,))
+        y0 = _ref_conv(x, w, b, s)
+        ct = _rand(rng, y0.shape)
+        y1 = jax.jit(lambda x, w, b: fc.conv2d(x, w, b, s))(x, w, b)
+        assert y1.shape == y0.shape
+        e = rel(y1, y0); assert e < TOL
+        loss0 = lambda x, w, b: jnp.sum(_ref_conv(x, w, b, s) * ct)
+        loss1 = lambda x, w, b: jnp.sum(fc.conv2d(x, w, b, s) * ct)
+        g0 = jax.grad(loss0, argnums=(0, 1, 2))(x, w, b)
+        g1 = jax.jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
+        for name, a, r in zip(("dx", "dw", "db"), g1, g0):
+            e = rel(a, r); assert e < TOL, (k, s, H, W, name, e)
+
+
+@pytest.mark.parametrize("k,s,mode", _modes([p for p in PAIRS if p[0] > 1]))
+def test_conv_transpose2d_forward_and_grads(k, s, mode, chunked):
+    chunked(mode)
+    rng = np.random.default_rng(100 + k * 10 + s)
+    for H, W in _sizes(k, s):
+        h, w_ = (H - k) // s + 1, (W - k) // s + 1  # encoder output size -> decoder input size
+        x = _rand(rng, (2, h, w_, 4))
+        w = _rand(rng, (k, k, 4, 3))
+        b = _rand(rng, (3,))
+        y0 = _ref_convT(x, w, b, s, (H, W))
+        assert y0.shape == (2, H, W, 3)
+        ct = _rand(rng, y0.shape)
+        y1 = jax.jit(lambda x, w, b: fc.conv_transpose2d(x, w, b, s, (H, W)))(x, w, b)
+        e = rel(y1, y0); assert e < TOL
+        loss0 = lambda x, w, b: jnp.sum(_ref_convT(x, w, b, s, (H, W)) * ct)
+        loss1 = lambda x, w, b: jnp.sum(fc.conv_transpose2d(x, w, b, s, (H, W)) * ct)
+        g0 = jax.grad(loss0, argnums=(0, 1, 2))(x, w, b)
+        g1 = jax.jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
+        for name, a, r in zip(("dx", "dw", "db"), g1, g0):
+            e = rel(a, r); assert e < TOL, (k, s, H, W, name, e)
+
+
+@pytest.mark.parametrize("k,s", [p for p in PAIRS if p[0] > 1])
+def test_max_pool_forward_and_grad_with_ties(k, s):
+    rng = np.random.default_rng(200 + k * 10 + s)
+    for H, W in _sizes(k, s):
+        x = _rand(rng, (2, H, W, 3), relu=True)  # ReLU output: many tied zeros
+        x = x.at[:, :, : W // 2].set(jnp.round(x[:, :, : W // 2]))  # and tied positive values
+        ref = lambda x: nn.max_pool(x, (k, k), strides=(s, s), padding="VALID")
+        y0 = ref(x)
+        ct = _rand(rng, y0.shape)
+        y1 = fc.max_pool_valid(x, k, s)
+        e = rel(y1, y0); assert e < TOL
+        g0 = jax.grad(lambda x: jnp.sum(ref(x) * ct))(x)
+        g1 = jax.jit(jax.grad(lambda x: jnp.sum(fc.max_pool_valid(x, k, s) * ct)))(x)
+        e = rel(g1, g0); assert e < TOL, (k, s, H, W, e)
+
+
+def test_nearest_resize():
+    from sphere_jax.models.cnn import _nearest_resize
+
+    rng = np.random.default_rng(3)
+    for (h, w), (H, W) in [((39, 39), (80, 79)), ((5, 7), (11, 15)), ((4, 4), (4, 9))]:
+        z = _rand(rng, (2, h, w, 3))
+        ct = _rand(rng, (2, H, W, 3))
+        e = rel(fc.nearest_resize(z, (H, W)), _nearest_resize(z, (H, W)))
+        assert e < TOL
+        g0 = jax.grad(lambda z: jnp.sum(_nearest_resize(z, (H, W)) * ct))(z)
+        g1 = jax.grad(lambda z: jnp.sum(fc.nearest_resize(z, (H, W)) * ct))(z)
+        e = rel(g1, g0); assert e < TOL
+
+
+@pytest.mark.parametrize("name", ["cnn_218k", "cnn_cls_68k", "cnn_cls_250k"])  # every layer kind; 1M, 5.5M: same layers
+def test_cpu_model_matches_lax_model(name):
+    """conv_impl="cpu" and "lax": same parameter tree and initial values; same logits and
+    parameter gradients.
+
+    Compared in float64: in float32 a pre-activation within round-off of 0 (seen: 1.3e-7) can
+    flip a ReLU between the two (equally exact) formulations and change a gradient by %.
+    """
+    seg = name in cnn.SEGMENTERS
+    cfg = (cnn.SEGMENTERS if seg else cnn.CLASSIFIERS)[name]
+    m = cfg.min_input_size()
+    hw = (m + 3, m + 2)  # small but odd-sized input: exercises output_padding
+    rng = np.random.default_rng(4)
+    x = _rand(rng, (2, *hw, 1))
+    plain = dataclasses.replace(cnn.make_cnn(name), conv_impl="lax")
+    fast = dataclasses.replace(cnn.make_cnn(name), conv_impl="cpu")
+    p0 = plain.init(jax.random.PRNGKey(0), x)
+    p1 = fast.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(p0) == jax.tree_util.tree_structure(p1)
+    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+    # non-zero biases so that bias paths are tested
+    noise = [rng.normal(size=a.shape) for a in jax.tree_util.tree_leaves(p0)]
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(p0),
+            [jnp.asarray(np.asarray(a, np.float64) + 0.01 * n) for a, n in zip(jax.tree_util.tree_leaves(p0), noise)])
+        x64 = jnp.asarray(np.asarray(x, np.float64))
+        y0 = jax.jit(plain.apply)(params, x64)
+        y1 = jax.jit(fast.apply)(params, x64)
+        assert y1.dtype == jnp.float64
+        e = rel(y1, y0); assert e < TOL
+        ct = jnp.asarray(rng.normal(size=y0.shape))
+        g0 = jax.jit(jax.grad(lambda p: jnp.sum(plain.apply(p, x64) * ct)))(params)
+        g1 = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply(p, x64) * ct)))(params)
+        flat0 = jax.tree_util.tree_leaves_with_path(g0)
+        flat1 = jax.tree_util.tree_leaves(g1)
+        for (path, a), b in zip(flat0, flat1):
+            e = rel(b, a)
+            assert e < TOL, (name, jax.tree_util.keystr(path), e)
+
+
+def test_auto_picks_the_cpu_path_on_cpu_and_the_environment_overrides(monkeypatch):
+    monkeypatch.delenv("SPHERE_JAX_CNN_CONV", raising=False)
+    assert cnn.resolve_conv_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "lax")
+    assert cnn.resolve_conv_impl("lax") == "lax"
+    monkeypatch.setenv("SPHERE_JAX_CNN_CONV", "lax")
+    assert cnn.resolve_conv_impl("auto") == "lax" and cnn.resolve_conv_impl("cpu") == "cpu"
+    monkeypatch.setenv("SPHERE_JAX_CNN_CONV", "fast")
+    with pytest.raises(ValueError, match="unknown CNN convolution implementation 'fast'"):
+        cnn.resolve_conv_impl("auto")
