@@ -135,7 +135,6 @@ def replot(path_json: str) -> str:
 def main(_):
     from absl import logging
 
-    from sphere_jax.data import digits
     from sphere_jax.models import registry
 
     logging.set_verbosity(logging.WARNING)
@@ -149,9 +148,11 @@ def main(_):
                 images, labels = z["train_images"], z["train_labels"]
                 test = (z["test_images"], z["test_labels"])
         else:
+            from sphere_jax.data import digits
+
             images, labels = digits.load_digits("mnist", "train")
             test = digits.load_digits("mnist", "test")
-    except (ValueError, digits.DigitsSourceError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError) as e:  # bad variant, missing digits (DigitsSourceError)
         print(f"error: {e}", file=sys.stderr)
         return 1
     _, task = registry.make_model(FLAGS.model, FLAGS.L)
