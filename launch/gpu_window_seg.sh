@@ -12,7 +12,8 @@
 #   bash launch/gpu_window_seg.sh TRAIN_S
 #
 # Env: CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
-# BEFORE (a folder holding an earlier sphere_jax/), VARIANTS (default "dft fft"), PYTHON,
+# BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
+# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft fft"), PYTHON,
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u

@@ -122,7 +122,7 @@ class S2Conv(nn.Module):
         w = w * np.sqrt(6.0 / (betas.size * alphas.size * c_in))
 
         Lc = min(self.L_in, self.L_out)
-        flm = hm.s2_forward_half(x, hm.lookup(tables, hm.s2_key(self.L_in, True)), Lc)
+        flm = hm.s2_forward_half(x, hm.lookup(tables, hm.s2_key(self.L_in, True)))[:, :Lc, :Lc]
         flm = hm.s2_half_to_full(flm)  # [B, l, m, C_in], m = -(Lc-1)..Lc-1
         # psi[l, n, c, d] = sum_j w_j conj(Y_ln(x_j)), n >= 0
         Y = hm.sph_harm_real_axis(Lc, betas).astype(np.float32)  # [l, n, b]
@@ -131,7 +131,8 @@ class S2Conv(nn.Module):
         psi = jnp.einsum("lnb,nbcd->lncd", Y, wn)
         norm = (8 * np.pi**2 / (2 * np.arange(Lc) + 1)).astype(np.float32)
         g = jnp.einsum("blmc,lncd->bnlmd", flm, jnp.conj(psi) * norm[:, None, None, None])
-        # degrees >= Lc are zero: the inverse transform takes g at its own band-limit
+        g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
+        g = _pad_centre(g, 3, 2 * self.L_out - 1)
         out = hm.so3_inverse_half(g, hm.lookup(tables, hm.so3_key(self.L_out, False)))
         return out + b
 
@@ -183,8 +184,8 @@ class _SO3Filter(nn.Module):
                 f"(L_in={L}), got {x.shape}"
             )
         Lc = min(self.L_in, self.L_out)
-        # only the degrees the output keeps: F [B, n, l, m, C] with |n|, l, |m| < Lc
-        F = hm.so3_forward(x, hm.lookup(tables, hm.so3_key(L, True)), Lc)
+        F = hm.so3_forward(x, hm.lookup(tables, hm.so3_key(L, True)))  # [B, n, l, m, C]
+        F = F[:, L - Lc : L + Lc - 1, :Lc, L - Lc : L + Lc - 1]
         return F, Lc
 
     def _specs(self, out_kind: str) -> dict:
@@ -228,7 +229,9 @@ class SO3Conv(_SO3Filter):
             Hb = jnp.einsum("bnlmc,lkncd->bklmd", F[:, s, l0:l1, s], psi)  # H[k, l, m]
             Hb = _pad_centre(_pad_end(Hb, 1, Lc), 3, 2 * Lc - 1)
             blocks.append(Hb)
-        H = jnp.concatenate(blocks, axis=2)  # [B, k, l, m, D], |k|, l, |m| < Lc
+        H = jnp.concatenate(blocks, axis=2)  # [B, k, l, m, D]
+        H = _pad_end(_pad_end(H, 1, self.L_out), 2, self.L_out)
+        H = _pad_centre(H, 3, 2 * self.L_out - 1)
         out = hm.so3_inverse_half(H, hm.lookup(tables, hm.so3_key(self.L_out, False)))
         return out + b
 
@@ -253,6 +256,7 @@ class SO3ToS2(_SO3Filter):
         l = np.arange(Lc)
         norm = (np.sqrt(4 * np.pi / (2 * l + 1)) * (2 * l + 1) / (8 * np.pi**2)).astype(np.float32)
         h = jnp.einsum("bnlmc,lncd->blmd", F[:, :, :, Lc - 1 :], kappa * norm[:, None, None, None])
+        h = _pad_end(_pad_end(h, 1, self.L_out), 2, self.L_out)  # [B, l, m >= 0, D]
         out = hm.s2_inverse_half(h, hm.lookup(tables, hm.s2_key(self.L_out, False)))
         return out + b
 
