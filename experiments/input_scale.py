@@ -30,6 +30,8 @@ flags.DEFINE_string("out", "runs/input_scale", "output path without extension")
 flags.DEFINE_string("digits_npz", None, "read MNIST from this .npz (train_images/train_labels/test_images/"
                     "test_labels, as launch/gpu_window.sh carries it) instead of the installed sources")
 flags.DEFINE_integer("n_test", 500, "rotated test digits scored at the end")
+flags.DEFINE_bool("initial_only", False, "only print each variant's initial loss and logit spread on one "
+                  "batch of training digits (untrained model, seed --seed), no training")
 FLAGS = flags.FLAGS
 
 
@@ -96,6 +98,29 @@ def run_variant(variant, images, labels, test):
     return {"variant": variant, "curve": curve, "test_R": t, "seconds": round(time.time() - t0, 1)}
 
 
+def initial_loss(variant, images, labels) -> dict:
+    """Cross-entropy and logit standard deviation of the untrained model on the first batch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from sphere_jax import harmonics, train
+    from sphere_jax.data import pipeline
+    from sphere_jax.models import registry
+
+    norm, gain, target = parse_variant(variant)
+    base, task = registry.make_model(FLAGS.model, FLAGS.L)
+    model = type(base)(dataclasses.replace(base.config, input_norm=norm, input_rms=target))
+    cfg = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.batch_size, rotate=False)
+    b = pipeline.DigitStream(images, labels, cfg, seed=FLAGS.seed).batch(0)
+    x, y = b[0] * gain, train.targets(b, task)
+    tables = harmonics.build_tables(model.table_specs())
+    v = model.init(jax.random.key(FLAGS.seed), x[:1], tables)
+    logits = model.apply(v, x, tables)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return {"variant": variant, "initial_loss": round(float(ce), 3), "logit_std": round(float(jnp.std(logits)), 3)}
+
+
 def plot(result, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -156,6 +181,10 @@ def main(_):
         print(f"error: {e}", file=sys.stderr)
         return 1
     _, task = registry.make_model(FLAGS.model, FLAGS.L)
+    if FLAGS.initial_only:
+        for v in FLAGS.variants:
+            print(FLAGS.model, json.dumps(initial_loss(v, images, labels)), flush=True)
+        return 0
     result = {"model": FLAGS.model, "task": task, "L": FLAGS.L, "steps": FLAGS.steps, "batch_size": FLAGS.batch_size,
               "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed, "runs": []}
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

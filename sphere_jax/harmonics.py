@@ -274,7 +274,7 @@ def s2_inverse_half(flm: jax.Array, table: jax.Array) -> jax.Array:
     """Coefficients ``m >= 0`` ``[B, Lb, Lb, C]`` (any ``Lb <= L``; the degrees ``l >= Lb`` are
     zero) -> real S2 signal ``[B, 2L, 2L-1, C]``."""
     L = table.shape[1]
-    Lb = flm.shape[1]
+    Lb = flm.shape[1] if flm.ndim == 4 else -1
     if flm.ndim != 4 or flm.shape[2] != Lb or Lb > L:
         raise ValueError(f"S2 half coefficients must be [batch, Lb, Lb, channels] with Lb <= {L}, got {flm.shape}")
     if transforms() == "s2fft":
@@ -339,7 +339,7 @@ def _so3_method() -> str:
 def so3_forward_half(f: jax.Array, table: jax.Array, L_band: int | None = None) -> jax.Array:
     """Real SO(3) signal ``[B, 2N-1, 2L, 2L-1, C]`` -> half coefficients ``[B, Nb, Lb, 2Lb-1, C]``:
     ``n < Nb``, ``l < Lb``, ``|m| < Lb`` with ``Lb = L_band`` (default ``L``) and ``Nb = min(N, Lb)``.
-    A truncated transform computes only the coefficients it returns."""
+    Truncated, the dft and fft paths compute only the coefficients they return (s2fft's: all, then cut)."""
     N, _, L, _ = table.shape
     _check_so3(f, L, N)
     Lb = _band(L, L_band)
@@ -386,11 +386,13 @@ def so3_forward(f: jax.Array, table: jax.Array, L_band: int | None = None) -> ja
 
 def so3_inverse_half(flmn_half: jax.Array, table: jax.Array) -> jax.Array:
     """Half coefficients ``[B, Nb, Lb, 2Lb-1, C]`` of a real signal (any ``Nb <= N``, ``Lb <= L``;
-    the coefficients outside are zero) -> ``[B, 2N-1, 2L, 2L-1, C]``. A band-limited input costs
-    only its own coefficients."""
+    the coefficients outside are zero) -> ``[B, 2N-1, 2L, 2L-1, C]``. On the dft path a band-limited
+    input costs only its own coefficients (fft and s2fft zero-pad it first)."""
     N, _, L, _ = table.shape
+    if flmn_half.ndim != 5:
+        raise ValueError(f"SO(3) half coefficients must be [batch, Nb, Lb, 2 Lb - 1, channels], got {flmn_half.shape}")
     Nb, Lb = flmn_half.shape[1], flmn_half.shape[2]
-    if flmn_half.ndim != 5 or flmn_half.shape[3] != 2 * Lb - 1 or Nb > N or Lb > L:
+    if flmn_half.shape[3] != 2 * Lb - 1 or Nb > N or Lb > L:
         raise ValueError(
             f"SO(3) half coefficients must be [batch, Nb <= {N}, Lb <= {L}, 2 Lb - 1, channels], got {flmn_half.shape}"
         )

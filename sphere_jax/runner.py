@@ -514,7 +514,11 @@ def _seconds_from_log(workdir, step) -> float:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "train_loss" in rec and rec["step"] <= step:
+            if "preempted" in rec:  # a SIGTERM between evaluations: its clock counts too
+                rec = rec["preempted"]
+            elif "train_loss" not in rec:
+                continue
+            if rec["step"] <= step:
                 secs = max(secs, float(rec.get("seconds", 0.0)))
     return secs
 

@@ -65,6 +65,10 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     r = _run(termed, TINY_SEG)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(a, _params(termed, 8))
+    # the training clock continues from the preemption, not from the last evaluation
+    recs = _records(termed)
+    cut = [rec["preempted"]["seconds"] for rec in recs if "preempted" in rec][0]
+    assert [rec["seconds"] for rec in recs if rec.get("step") == 8 and "train_loss" in rec][0] >= cut
     # the evaluate entry point restores the best checkpoint and reproduces the run's test metrics
     e = subprocess.run(
         [sys.executable, "-m", "experiments.evaluate", f"--workdir={full}"],
