@@ -47,15 +47,11 @@ def parse_variant(v: str) -> tuple[str, float, float]:
     raise ValueError(f"variant {v!r}: use noneGAIN or rmsTARGET, e.g. none255, rms60")
 
 
-def run_variant(variant, images, labels, test):
+def variant_model(variant):
+    """``(module, inner S2CNN, task)``: ``FLAGS.model`` with the variant's input normalisation,
+    wrapped so that it sees the data's range, [0, 1] times the variant's gain."""
     import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
 
-    from sphere_jax import harmonics, runner, train
-    from sphere_jax.data import pipeline
     from sphere_jax.models import registry
 
     norm, gain, target = parse_variant(variant)
@@ -65,7 +61,7 @@ def run_variant(variant, images, labels, test):
     model = type(base)(dataclasses.replace(base.config, input_norm=norm, input_rms=target))
     bn = getattr(model.config, "batchnorm", False)
 
-    class Scaled(nn.Module):  # the data's range: [0, 1] times gain
+    class Scaled(nn.Module):
         inner: nn.Module
         gain: float
 
@@ -73,7 +69,19 @@ def run_variant(variant, images, labels, test):
         def __call__(self, x, tables, train=False):
             return self.inner(x * self.gain, tables, **({"train": train} if bn else {}))
 
-    m = Scaled(model, gain)
+    return Scaled(model, gain), model, task
+
+
+def run_variant(variant, images, labels, test):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sphere_jax import harmonics, runner, train
+    from sphere_jax.data import pipeline
+
+    m, model, task = variant_model(variant)
     (tri, trl), (hoi, hol) = pipeline.split_holdout(images, labels, 500, seed=0)
     cfg = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.batch_size, rotate=False)
     stream = pipeline.DigitStream(tri, trl, cfg, seed=FLAGS.seed)
@@ -106,17 +114,13 @@ def initial_loss(variant, images, labels) -> dict:
 
     from sphere_jax import harmonics, train
     from sphere_jax.data import pipeline
-    from sphere_jax.models import registry
 
-    norm, gain, target = parse_variant(variant)
-    base, task = registry.make_model(FLAGS.model, FLAGS.L)
-    model = type(base)(dataclasses.replace(base.config, input_norm=norm, input_rms=target))
+    m, model, task = variant_model(variant)
     cfg = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.batch_size, rotate=False)
     b = pipeline.DigitStream(images, labels, cfg, seed=FLAGS.seed).batch(0)
-    x, y = b[0] * gain, train.targets(b, task)
+    x, y = b[0], train.targets(b, task)
     tables = harmonics.build_tables(model.table_specs())
-    v = model.init(jax.random.key(FLAGS.seed), x[:1], tables)
-    logits = model.apply(v, x, tables)
+    logits = m.apply(m.init(jax.random.key(FLAGS.seed), x[:1], tables), x, tables)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return {"variant": variant, "initial_loss": round(float(ce), 3), "logit_std": round(float(jnp.std(logits)), 3)}
 

@@ -67,41 +67,5 @@ echo "sweep stopped after $(( $(date +%s) - T0 )) s"
 # 3. results: aggregate, and pack the small files
 $PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>>"$OUT/sweep.log"
 cp "$SWEEP/aggregate/results.md" "$SWEEP/aggregate/results.json" "$OUT/" 2>/dev/null
-$PY - <<'PY'
-import json, os, tarfile
-sweep, out = os.environ.get("SWEEP", "/tmp/sweep"), os.environ.get("OUT", "/tmp/out")
-META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md")
-AGG = os.path.join(sweep, "aggregate")
-def params_of(run_dir):
-    p = os.path.join(run_dir, "metrics.jsonl")
-    for line in open(p) if os.path.exists(p) else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "info" in rec:
-            return rec["info"]["params"]
-    return None
-runs = [d for d, _, f in os.walk(sweep) if "config.json" in f]
-with tarfile.open(os.path.join(out, "sweep_meta.tgz"), "w:gz") as tar:
-    for d in [sweep] + runs:
-        for f in META:
-            if os.path.exists(os.path.join(d, f)):
-                tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
-    if os.path.isdir(AGG):
-        tar.add(AGG, arcname="aggregate")
-# best checkpoints of small models (S2CNNs first), while the archive stays under 15 MB
-runs.sort(key=lambda d: ("s2cnn" not in d, params_of(d) or 1e12))
-budget = 15e6
-with tarfile.open(os.path.join(out, "sweep_best.tgz"), "w:gz") as tar:
-    for d in runs:
-        n = params_of(d)
-        best = os.path.join(d, "best")
-        if not n or n > 1_100_000 or not os.path.isdir(best) or 12 * n > budget:
-            continue
-        budget -= 12 * n  # params + Adam moments, float32
-        tar.add(best, arcname=os.path.join(os.path.relpath(d, sweep), "best"))
-for f in ("sweep_meta.tgz", "sweep_best.tgz"):
-    print(f, os.path.getsize(os.path.join(out, f)) // 1024, "KiB")
-PY
+$PY -m launch.pack --sweep="$SWEEP" --out="$OUT" --checkpoints=best
 echo "done after $(( $(date +%s) - T0 )) s"

@@ -105,26 +105,5 @@ echo "interim evaluations done after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/e
 #    interim.log, sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with
 #    the S2CNN runs' best and latest checkpoints)
 $PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>> "$OUT/env.txt"
-$PY - <<'PY'
-import os, tarfile
-sweep, out = os.environ.get("SWEEP", "/tmp/sweep"), os.environ.get("OUT", "/tmp/out")
-META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md", "predictions_R.png", "predictions_NR.png")
-runs = sorted(d for d, _, f in os.walk(sweep) if "config.json" in f)
-with tarfile.open(os.path.join(out, "sweep_meta.tgz"), "w:gz") as tar:
-    for d in [sweep] + runs:
-        for f in META:
-            if os.path.exists(os.path.join(d, f)):
-                tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
-    if os.path.isdir(os.path.join(sweep, "aggregate")):
-        tar.add(os.path.join(sweep, "aggregate"), arcname="aggregate")
-with tarfile.open(os.path.join(out, "sweep_state.tgz"), "w:gz") as tar:  # resumable S2CNN runs, best models
-    for d in runs:
-        if "/s2cnn" not in d:
-            continue
-        for sub in ("best", "checkpoints"):
-            if os.path.isdir(os.path.join(d, sub)):
-                tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
-for f in sorted(os.listdir(out)):
-    print(f, os.path.getsize(os.path.join(out, f)) // 1024, "KiB")
-PY
+$PY -m launch.pack --sweep="$SWEEP" --out="$OUT" --checkpoints=state
 echo "done after $(( $(date +%s) - T0 )) s"

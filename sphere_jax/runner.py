@@ -443,15 +443,13 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
                 bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
                 if score > best_score:
                     best_score, bad_evals = score, 0
-                    best.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
-                    best.wait_until_finished()
+                    _save(best, done, state)
                 else:
                     bad_evals += 1
                 if cfg.patience and bad_evals >= cfg.patience:
                     stopped_early = True
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped_early:
-                latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
-                latest.wait_until_finished()
+                _save(latest, done, state)
                 if _kill_at_step is not None and done >= _kill_at_step:
                     os.kill(os.getpid(), 9)
             if stopped_early:
@@ -460,8 +458,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
                 os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
             if preempted.raised:
                 if latest.latest_step() != done:
-                    latest.save(done, args=ocp.args.StandardSave(_ckpt(state)), force=True)
-                    latest.wait_until_finished()
+                    _save(latest, done, state)
                 _append_jsonl(workdir, {"preempted": {"step": done, "seconds": round(train_seconds + time.time() - t0, 2)}})
                 raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
                                 f"in {workdir}: run the same command to resume")
@@ -472,7 +469,6 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     evaluate_workdir(workdir, test_rotate=other.test_rotate, setup=setup.with_config(other), write_summary=False,
                      extra=end)
     return result
-
 
 
 class _SigtermFlag:
@@ -494,6 +490,12 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
+
+
+def _save(manager, step: int, state) -> None:
+    """Write ``state`` as checkpoint ``step`` of ``manager`` and wait until it is on disk."""
+    manager.save(step, args=ocp.args.StandardSave(_ckpt(state)), force=True)
+    manager.wait_until_finished()
 
 
 def _ckpt(state) -> dict:

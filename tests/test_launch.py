@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launch import aggregate, grid, run_grid, slurm
+from launch import aggregate, grid, pack, run_grid, slurm
 from sphere_jax.runner import RunConfig
 
 HERE = os.path.dirname(__file__)
@@ -433,3 +433,32 @@ def test_sigterm_stops_the_sweep_and_its_run(tmp_path):
         raise AssertionError("the training process outlived the sweep")
     run = grid.get_grid("reduced_cpu")[0]
     assert run_grid.run_state(run, root) == "new"  # the stub wrote nothing: not finished
+
+
+def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
+    import tarfile
+
+    sweep, out = tmp_path / "sweep", tmp_path / "out"
+    s2 = sweep / "segment/mnist-d1-L8/s2cnn_204k/NR-R-aug1-seed0"
+    big = sweep / "segment/mnist-d1-L8/cnn_5_5m/R-R-augfresh-seed0"
+    for d, params in ((s2, 204_073), (big, 5_519_335)):
+        fake_workdir(str(d), RunConfig(), 0.5, "segment")
+        with open(d / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"info": {"params": params}}) + "\n")
+        for sub in ("best/10", "checkpoints/12"):
+            os.makedirs(d / sub)
+            (d / sub / "weights").write_text("w")
+    (s2 / "scratch.bin").write_text("not packed")
+    names = lambda p: sorted(tarfile.open(p).getnames())
+    assert pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "state"]) == 0
+    meta = names(out / "sweep_meta.tgz")
+    assert "segment/mnist-d1-L8/s2cnn_204k/NR-R-aug1-seed0/config.json" in meta
+    assert not any("scratch" in n or "weights" in n for n in meta)
+    state = names(out / "sweep_state.tgz")
+    assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/checkpoints/12/weights") for n in state)
+    assert not any("cnn_5_5m" in n for n in state)  # only the S2CNN runs are resumed across windows
+    assert pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "best"]) == 0
+    best = names(out / "sweep_best.tgz")
+    assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/best/10/weights") for n in best)
+    assert not any("cnn_5_5m" in n or "checkpoints" in n for n in best)  # 5.5M parameters: too big to ship
+    assert pack.main(["--sweep", str(tmp_path / "none"), "--out", str(out)]) == 2

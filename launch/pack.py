@@ -1,0 +1,107 @@
+"""Pack a sweep's small files for the trip back from a lent GPU (at most 8 files come back).
+
+    python -m launch.pack --sweep=/tmp/sweep --out=$OUT [--checkpoints=best|state|none]
+
+Writes ``OUT/sweep_meta.tgz``: every run's ``config.json``, ``metrics.jsonl``, ``run.log``,
+``summary.md`` and prediction figures, the sweep's ``sweep.jsonl`` and ``aggregate/``. Then,
+with ``--checkpoints``:
+
+* ``best`` -> ``OUT/sweep_best.tgz``: best checkpoints of the small models (S2CNNs first, at
+  most 1.1M parameters), while the archive stays under 15 MB (models to ship);
+* ``state`` -> ``OUT/sweep_state.tgz``: best and latest checkpoints of the S2CNN runs (to
+  resume them in the next window).
+
+Unpack an archive into the sweep root to continue there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+
+META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md", "predictions_R.png",
+        "predictions_NR.png")
+SHIP_MAX_PARAMS = 1_100_000
+SHIP_BUDGET_BYTES = 15e6
+
+
+def run_dirs(sweep: str) -> list[str]:
+    return sorted(d for d, _, files in os.walk(sweep) if "config.json" in files)
+
+
+def params_of(run_dir: str) -> int | None:
+    """The parameter count from the run's ``info`` record, if it has one."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "info" in rec:
+            return rec["info"]["params"]
+    return None
+
+
+def pack_meta(sweep: str, out: str) -> str:
+    path = os.path.join(out, "sweep_meta.tgz")
+    with tarfile.open(path, "w:gz") as tar:
+        for d in [sweep] + run_dirs(sweep):
+            for f in META:
+                if os.path.exists(os.path.join(d, f)):
+                    tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
+        if os.path.isdir(os.path.join(sweep, "aggregate")):
+            tar.add(os.path.join(sweep, "aggregate"), arcname="aggregate")
+    return path
+
+
+def pack_best(sweep: str, out: str) -> str:
+    path = os.path.join(out, "sweep_best.tgz")
+    runs = sorted(run_dirs(sweep), key=lambda d: ("s2cnn" not in d, params_of(d) or 1e12))
+    budget = SHIP_BUDGET_BYTES
+    with tarfile.open(path, "w:gz") as tar:
+        for d in runs:
+            n = params_of(d)
+            best = os.path.join(d, "best")
+            if not n or n > SHIP_MAX_PARAMS or not os.path.isdir(best) or 12 * n > budget:
+                continue
+            budget -= 12 * n  # params + Adam moments, float32
+            tar.add(best, arcname=os.path.join(os.path.relpath(d, sweep), "best"))
+    return path
+
+
+def pack_state(sweep: str, out: str) -> str:
+    path = os.path.join(out, "sweep_state.tgz")
+    with tarfile.open(path, "w:gz") as tar:
+        for d in run_dirs(sweep):
+            if "/s2cnn" not in d:
+                continue
+            for sub in ("best", "checkpoints"):
+                if os.path.isdir(os.path.join(d, sub)):
+                    tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", required=True, help="sweep root (launch.run_grid --root)")
+    p.add_argument("--out", required=True, help="folder for the archives")
+    p.add_argument("--checkpoints", choices=("best", "state", "none"), default="none")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.sweep):
+        print(f"error: no sweep at {args.sweep}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    paths = [pack_meta(args.sweep, args.out)]
+    if args.checkpoints == "best":
+        paths.append(pack_best(args.sweep, args.out))
+    elif args.checkpoints == "state":
+        paths.append(pack_state(args.sweep, args.out))
+    for path in paths:
+        print(os.path.basename(path), os.path.getsize(path) // 1024, "KiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
