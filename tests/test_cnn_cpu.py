@@ -55,16 +55,40 @@ def _rand(rng, shape, relu=False):
 
 
 def _modes(pairs):
-    """Strided pairs also run with a 1-sample loop in the weight gradient (the fori_loop path)."""
-    return [(k, s, m) for k, s in pairs for m in (("default", "chunk1") if s > 1 else ("default",))]
+    """Every kernel in each formulation ("conv": XLA convolutions / space-to-depth, "patches": one
+    matmul of the patches, "taps": k*k tap matmuls); strided pairs also with a 1-sample batch
+    loop in the tap weight gradient (the fori_loop path). The per-shape choice ("auto") is
+    exercised by the whole-model tests."""
+    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "patches") + (("taps", "chunk1") if s > 1 else ())
+    return [(k, s, m) for k, s in pairs for m in modes(k, s)]
 
 
 @pytest.fixture
 def chunked(monkeypatch):
     def set_mode(mode):
-        if mode != "default":
+        if mode == "chunk1":
+            monkeypatch.setattr(fc, "FORMULATION", "conv")
             monkeypatch.setattr(fc, "WGRAD_CHUNK_ELEMS", 1)
+        elif mode != "auto":
+            monkeypatch.setattr(fc, "FORMULATION", mode)
     return set_mode
+
+
+def test_plan_picks_by_shape(monkeypatch):
+    """The measured choices (conv_cpu._plan) for layers of the study's CNNs, and the override."""
+    p = fc._plan
+    assert p(191, 1100, 18, 18, 2) == {"fwd": "patches", "adj": "patches", "wgrad": "taps"}   # CNN-5.5M
+    assert p(16, 85, 43, 43, 2) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}            # CNN-5.5M
+    assert p(1, 61, 28, 28, 2) == {"fwd": "patches", "adj": "conv", "wgrad": "patches"}       # cls first layer
+    assert p(244, 244, 8, 8, 1) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}         # cls last layer
+    assert p(122, 122, 12, 12, 2) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}       # cls k=3, s=2
+    assert p(141, 191, 37, 37, 1) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}          # CNN-5.5M
+    monkeypatch.setattr(fc, "FORMULATION", "conv")
+    assert p(191, 1100, 18, 18, 2) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}
+    assert p(244, 244, 8, 8, 1) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
+    monkeypatch.setattr(fc, "FORMULATION", "fast")
+    with pytest.raises(ValueError, match="FORMULATION 'fast'"):
+        p(1, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("k,s,mode", _modes(PAIRS))

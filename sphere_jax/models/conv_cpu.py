@@ -12,13 +12,16 @@ Every layer is built from three kernels, each a fast operation on XLA:CPU:
 * ``_fwd``: VALID convolution. Stride 1: one ``lax.conv_general_dilated`` padded by ``k`` zero
   columns on the right, then cropped (the wider-than-input output keeps the conv on Eigen).
   Stride ``s > 1``: the same on the space-to-depth input (stride-1 conv, kernel ``ceil(k/s)``,
-  ``s*s*Cin`` channels);
+  ``s*s*Cin`` channels); or, where the shape favours it (``_plan``), one matmul of the
+  patches with the exact taps, or ``k*k`` tap matmuls summed;
 * ``_adj``: its adjoint w.r.t. the input (a transposed convolution): a stride-1 convolution of
   the fully padded cotangent with the flipped kernel; for ``s > 1`` the ``s*s`` output phases at
-  once (sub-kernels stacked on the output channels), then depth-to-space;
+  once (sub-kernels stacked on the output channels), then depth-to-space; or (``_plan``) one
+  matmul followed by ``k*k`` strided pad-adds;
 * ``_wgrad``: the weight gradient. Stride 1: XLA's own formulation (batch contracted, the
   cotangent as the kernel), padded to stay on Eigen. Stride ``s > 1``: ``k*k`` tap matmuls
-  ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks.
+  ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks (also at stride 1 on small images), or
+  (one input channel) one matmul over the patches.
 
 :func:`conv2d` and :func:`conv_transpose2d` are ``jax.custom_vjp`` functions wired from these
 kernels (the forward of one is the input gradient of the other). Values and gradients equal
@@ -40,6 +43,12 @@ __all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "de
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
+# Each kernel has several formulations: "conv" (XLA convolutions; space-to-depth when strided),
+# "patches" (one matmul of the exact-tap patches), "taps" (k*k tap matmuls); _plan picks one per
+# layer shape. FORMULATION forces a family everywhere ("conv": the formulation before the
+# per-shape plan, for benchmarks; the tests run each).
+FORMULATION = "auto"  # "auto" | "conv" | "patches" | "taps"
+
 # Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
 # batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
 WGRAD_CHUNK_ELEMS = 6000  # target B_chunk * Ho * Wo per iteration
@@ -52,6 +61,55 @@ def _out(n: int, k: int, s: int) -> int:
 # --------------------------------------------------------------------------- the 3 kernels
 
 
+def _plan(ci: int, co: int, ho: int, wo: int, s: int) -> dict:
+    """Formulation of each kernel of a layer: ``ci``/``co`` its input and output channels,
+    ``ho x wo`` its output size, ``s`` its stride. Returns ``{"fwd": "conv"|"patches"|"taps",
+    "adj": "conv"|"patches", "wgrad": "conv"|"taps"|"patches"}``.
+
+    Measured on 2 cores (batch 32, jaxlib 0.10.2) on every layer of the study's CNNs:
+
+    * strided fwd: the patch matmul beats the padded space-to-depth conv (k=3, s=2 pads the
+      kernel to 4x4: 1.78x the FLOPs) where the output is small and the layer widens (CNN-5.5M's
+      191 -> 1100 at 18x18: 381 -> 297 ms) and for one input channel (the classifiers' first
+      layer); it loses on large images (92x91, 16 -> 85: 70 -> 209 ms). For other small outputs
+      (<= 256 pixels: the classifiers' k=3, s=2 layer) ``k*k`` tap matmuls summed win (CNN-1M
+      classifier, 26x26, 122 -> 122: 20.8 -> 12.0 ms; 4M: 60.5 -> 49.0 ms). The patch matmul
+      would too, were XLA not to fuse the patch copies into the dot (27 ms fused against 3.7 +
+      7.4 ms apart).
+    * strided adj: the patch matmul plus ``k*k`` strided pad-adds wins with wide inputs
+      (``ci >= 48``: 5.5M 309 -> 214 ms) and loses with narrow ones (CNN-218k 31 <- 141: 39 -> 50
+      ms). Strided wgrad: ``k*k`` tap matmuls (the patch matmul only for one input channel).
+    * stride 1: Eigen's convolutions win on images of 26x26 and more (by 1.5-7x); on the
+      classifiers' last layers (output 10x10, 8x8) the patch adjoint (c1m: 15.2 -> 10.6 ms) and
+      the tap weight gradient (13.9 -> 12.2 ms) win.
+    """
+    if FORMULATION not in ("auto", "conv", "patches", "taps"):
+        raise ValueError(f"conv_cpu.FORMULATION {FORMULATION!r}: use auto, conv, patches or taps")
+    if FORMULATION == "conv":
+        return {"fwd": "conv", "adj": "conv", "wgrad": "taps" if s > 1 else "conv"}
+    if FORMULATION == "patches":
+        return dict.fromkeys(("fwd", "adj", "wgrad"), "patches")
+    if FORMULATION == "taps":
+        return {"fwd": "taps", "adj": "patches", "wgrad": "taps"}
+    pick = lambda c: "patches" if c else "conv"
+    small = ho * wo <= 256
+    if s == 1:
+        return {"fwd": "conv", "adj": pick(small), "wgrad": "taps" if small else "conv"}
+    if ci == 1 or (co >= 2 * ci and ho * wo <= 1024):
+        fwd = "patches"
+    else:
+        fwd = "taps" if small else "conv"
+    return {"fwd": fwd, "adj": pick(ci >= 48), "wgrad": "patches" if ci == 1 else "taps"}
+
+
+def _patches(x, k, s):
+    """Patches of a stride-s VALID conv: x [B,H,W,Ci] -> [B,Ho,Wo,k*k*Ci] (tap-major: index (a*k + b)*Ci + c)."""
+    _, H, W, _ = x.shape
+    Ho, Wo = _out(H, k, s), _out(W, k, s)
+    return jnp.concatenate([x[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :]
+                            for a in range(k) for b in range(k)], axis=-1)
+
+
 def _fwd(x, w, s):
     """VALID conv, stride s: x [B,H,W,Ci], w [k,k,Ci,Co] -> [B,Ho,Wo,Co].
 
@@ -59,12 +117,19 @@ def _fwd(x, w, s):
     padding makes the output wider than the input, and XLA then does not hand the conv to
     YNNPACK (``IsConvolutionOpSupportedByYnn``), whose convs ran 1.3-3x slower than Eigen's
     on these shapes (jaxlib 0.10.2, 2 cores). Stride s > 1: a stride-1 conv of the
-    space-to-depth input with the kernel split into ceil(k/s)^2 taps of s*s*Ci channels.
+    space-to-depth input with the kernel split into ceil(k/s)^2 taps of s*s*Ci channels. Or
+    (``_plan``) one matmul of the patches with the exact k*k taps, or k*k tap matmuls summed.
     """
     k, _, ci, co = w.shape
+    Ho, Wo = _out(x.shape[1], k, s), _out(x.shape[2], k, s)
+    how = _plan(ci, co, Ho, Wo, s)["fwd"]
+    if how == "patches":
+        return jnp.dot(_patches(x, k, s), w.reshape(k * k * ci, co), precision=lax.Precision.HIGHEST)
+    if how == "taps":
+        return sum(jnp.dot(x[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :], w[a, b],
+                           precision=lax.Precision.HIGHEST) for a in range(k) for b in range(k))
     if s > 1:
         return _fwd_s2d(x, w, s)
-    Wo = _out(x.shape[2], k, 1)
     y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
                                  precision=lax.Precision.HIGHEST)
     return y[:, :, :Wo]
@@ -94,6 +159,8 @@ def _adj(dy, w, s, hw):
     H, W = hw
     B, Ho, Wo, _ = dy.shape
     hi = lax.Precision.HIGHEST
+    if _plan(ci, co, Ho, Wo, s)["adj"] == "patches":
+        return _col2im(dy, w, s, hw)
     if s == 1:
         wf = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Co,Ci]
         return lax.conv_general_dilated(dy, wf, (1, 1), ((k - 1, H - Ho), (k - 1, W - Wo)),
@@ -109,6 +176,24 @@ def _adj(dy, w, s, hw):
     return y[:, :H, :W]
 
 
+def _col2im(dy, w, s, hw):
+    """``_adj`` as one matmul dy @ w^T -> per-tap [B,Ho,Wo,Ci], each added back at its strided
+    position (the adjoint of ``_patches``)."""
+    k, _, ci, co = w.shape
+    H, W = hw
+    B, Ho, Wo, _ = dy.shape
+    g = jnp.dot(dy, w.reshape(k * k * ci, co).T, precision=lax.Precision.HIGHEST)
+    g = g.reshape(B, Ho, Wo, k * k, ci)
+    zero = jnp.zeros((), dy.dtype)
+    dx = None
+    for t in range(k * k):
+        a, b = divmod(t, k)
+        p = lax.pad(g[:, :, :, t], zero, ((0, 0, 0), (a, H - a - s * (Ho - 1) - 1, s - 1),
+                                          (b, W - b - s * (Wo - 1) - 1, s - 1), (0, 0, 0)))
+        dx = p if dx is None else dx + p
+    return dx
+
+
 def _chunk(B: int, per_sample: int) -> int:
     target = max(1, WGRAD_CHUNK_ELEMS // max(per_sample, 1))
     return max(d for d in range(1, B + 1) if B % d == 0 and d <= target)
@@ -120,9 +205,15 @@ def _wgrad(x, dy, k, s):
     Stride 1: one Eigen convolution with batch and features swapped (the formulation of XLA's
     own autodiff: lhs x as [Ci | H, W | B], kernel dy as [H_o, W_o | B -> Co]), with dy padded
     by zero columns to W+1 so that the kernel is wider than the input and XLA keeps the conv
-    off YNNPACK (7-13x slower there). Stride s > 1: ``_wgrad_taps``.
+    off YNNPACK (7-13x slower there). Stride s > 1: ``_wgrad_taps``. Or (``_plan``) the tap
+    matmuls at stride 1 too, or one matmul over the patches.
     """
-    if s > 1:
+    how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s)["wgrad"]
+    if how == "patches":
+        g = lax.dot_general(_patches(x, k, s), dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                            precision=lax.Precision.HIGHEST)
+        return g.reshape(k, k, x.shape[-1], dy.shape[-1])
+    if how == "taps":
         return _wgrad_taps(x, dy, k, s)
     B, H, W, ci = x.shape
     _, Ho, Wo, co = dy.shape
