@@ -37,8 +37,12 @@ flags.DEFINE_list("transforms_L", None, "instead of models: compare the transfor
                   "(dft, fft, s2fft) at these band-limits, e.g. 10,30,50 (writes transforms.json / .md)")
 flags.DEFINE_list("transforms", ["dft", "fft", "s2fft"], "implementations for --transforms_L")
 flags.DEFINE_integer("transform_signals", 16, "--transforms_L: batch x channels = this x 1 real signals")
-flags.DEFINE_bool("torch", False, "also time each planar CNN's PyTorch twin (experiments/torch_twin.py, needs "
-                  "pip install -e .[torch]) on the same machine and report the ratios (vs_torch.md)")
+flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
+                  "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
+                  "report the medians and the median per-round ratio (vs_torch.md)")
+flags.DEFINE_integer("torch_rounds", 7, "--torch: alternating rounds (one training step and one inference each)")
+flags.DEFINE_list("torch_variants", [], "--torch: also time ours with sphere_jax.models.conv_cpu.FORMULATION set to "
+                  "these (e.g. conv: every layer as XLA convolutions, the formulation before the per-shape plan)")
 
 
 def cases():
@@ -81,8 +85,11 @@ def compare_transforms():
 
 
 def torch_peer(row: dict) -> dict:
-    """Time the PyTorch twin of a CNN row (same band-limit, batch, repeats) in a subprocess and add
-    ``torch_train_step_s``, ``torch_infer_s`` and the ratios ours / PyTorch (< 1: we are faster)."""
+    """Add the PyTorch comparison to a CNN row (same band-limit and batch): ours and the twin timed
+    alternately in one subprocess (``experiments.torch_twin --paired``). Adds ``torch_train_step_s``,
+    ``torch_infer_s``, ours in the same rounds (``paired_train_step_s``, ``paired_infer_s``), the
+    medians of the per-round ratios ours / PyTorch (``train_vs_torch``, ``infer_vs_torch``; < 1: we
+    are faster), and per ``--torch_variants`` value V ``{V}_train_step_s``, ``{V}_train_vs_torch``, ..."""
     import subprocess
     import sys
 
@@ -91,32 +98,48 @@ def torch_peer(row: dict) -> dict:
     if row["model"] not in cnn.SEGMENTERS and row["model"] not in cnn.CLASSIFIERS or "error" in row:
         return row
     tb = row.get("train_batch") or 32
-    cmd = [sys.executable, "-m", "experiments.torch_twin", row["model"], f"--L={row['L']}", f"--batch={tb}",
-           f"--repeats={FLAGS.repeats}"]
+    cmd = [sys.executable, "-m", "experiments.torch_twin", row["model"], "--paired", f"--L={row['L']}",
+           f"--batch={tb}", f"--repeats={FLAGS.torch_rounds}", f"--variants={','.join(FLAGS.torch_variants)}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout)
     if p.returncode != 0:
         return {**row, "torch_error": (p.stderr or p.stdout).strip()[-300:]}
     t = json.loads(p.stdout.strip().splitlines()[-1])
-    out = {**row, "torch_train_step_s": t["torch_train_step_s"], "torch_infer_s": t["torch_infer_s"],
-           "torch_version": t["torch"], "torch_threads": t["threads"]}
-    if row.get("train_step_s"):
-        out["train_vs_torch"] = round(row["train_step_s"] / t["torch_train_step_s"], 3)
-    if str(tb) in row.get("infer_s", {}):
-        out["infer_vs_torch"] = round(row["infer_s"][str(tb)] / t["torch_infer_s"], 3)
+    out = {**row, "torch_version": t["torch"], "torch_threads": t["threads"], "torch_rounds": t["rounds"],
+           "torch_train_step_s": t["torch_train_step_s"], "torch_infer_s": t["torch_infer_s"],
+           "paired_train_step_s": t["jax_train_step_s"], "paired_infer_s": t["jax_infer_s"],
+           "train_vs_torch": t["jax_train_vs_torch"], "infer_vs_torch": t["jax_infer_vs_torch"]}
+    for v in FLAGS.torch_variants:
+        for k in ("train_step_s", "infer_s", "train_vs_torch", "infer_vs_torch"):
+            out[f"{v}_{k}"] = t[f"jax_{v}_{k}"]
     return out
 
 
-def torch_markdown(rows: list[dict]) -> str:
-    lines = ["| model | L | batch | PyTorch train step | ours | ratio | PyTorch inference | ours | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _t(v: float) -> str:
+    return f"{v:.3f} s" if v >= 1 else f"{v * 1e3:.1f} ms"
+
+
+def torch_markdown(rows: list[dict], variants=()) -> str:
+    head = "| model | L | batch | PyTorch train step | ours | ratio | PyTorch inference | ours | ratio |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    for v in variants:
+        head += f" {v}: train ratio | {v}: inference ratio |"
+        sep += "---|---|"
+    lines = [head, sep]
     for r in rows:
         if "torch_train_step_s" not in r:
             continue
-        tb = str(r.get("train_batch") or 32)
-        lines.append(f"| {r['model']} | {r['L']} | {tb} | {r['torch_train_step_s']:.3f} s | {r.get('train_step_s', 0):.3f} s | "
-                     f"{r.get('train_vs_torch', '-')} | {r['torch_infer_s']:.3f} s | {r['infer_s'].get(tb, 0):.3f} s | "
-                     f"{r.get('infer_vs_torch', '-')} |")
-    return "\n".join(lines) + "\n\nratio = ours / PyTorch's (below 1: ours is faster); same machine, same run.\n"
+        line = (f"| {r['model']} | {r['L']} | {r.get('train_batch') or 32} | {_t(r['torch_train_step_s'])} | "
+                f"{_t(r['paired_train_step_s'])} | {r['train_vs_torch']} | {_t(r['torch_infer_s'])} | "
+                f"{_t(r['paired_infer_s'])} | {r['infer_vs_torch']} |")
+        for v in variants:
+            line += f" {r[v + '_train_vs_torch']} | {r[v + '_infer_vs_torch']} |"
+        lines.append(line)
+    rounds = {r.get("torch_rounds") for r in rows if "torch_rounds" in r}
+    return "\n".join(lines) + (
+        "\n\nOurs and PyTorch timed alternately in one process (batch as shown; "
+        f"{', '.join(str(n) for n in sorted(rounds))} rounds of one training step and one inference each); "
+        "times are medians, ratio = median over rounds of ours / PyTorch's in the same round "
+        "(below 1: ours is faster).\n")
 
 
 def main(_):
@@ -137,8 +160,8 @@ def main(_):
         f.write(benchmark.markdown_table(rows))
     if FLAGS.torch:
         with open(os.path.join(FLAGS.out, "vs_torch.md"), "w") as f:
-            f.write(torch_markdown(rows))
-        print(torch_markdown(rows))
+            f.write(torch_markdown(rows, FLAGS.torch_variants))
+        print(torch_markdown(rows, FLAGS.torch_variants))
     png = benchmark.plot_latency(rows, os.path.join(FLAGS.out, "latency_vs_batch.png"))
     print(benchmark.markdown_table(rows))
     print(f"wrote {FLAGS.out}/benchmark.json, benchmark.md, {os.path.basename(png)}")

@@ -1,10 +1,13 @@
 """PyTorch twins of the planar CNNs, a benchmark peer (optional: ``pip install -e .[torch]``).
 
     python -m experiments.torch_twin MODEL [--L=50] [--batch=32] [--repeats=3] [--check]
+    python -m experiments.torch_twin MODEL --paired [--repeats=7] [--variants=conv]
 
 prints one JSON line: the twin's median training step (forward, cross-entropy, backward, Adam)
 and inference time on this CPU, with as many torch threads as JAX uses cores. ``--check``
 first loads the JAX model's initial parameters into the twin and compares the logits.
+``--paired`` times ours and the twin alternately in one process and reports the median of the
+per-round ratios (:func:`paired`).
 ``python -m experiments.benchmark --torch`` runs this next to each CNN and prints the ratios.
 
 The segmenter is the reference's ``ConvNet_sem_seg`` (JanEGerken/sem_seg_s2cnn): VALID
@@ -174,6 +177,88 @@ def timing(name: str, L: int, batch: int = 32, repeats: int = 3) -> dict:
             "torch_infer_s": float(np.median(ts["infer"]))}
 
 
+def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = "") -> dict:
+    """Ours and the twin in one process, timed alternately, so that the machine's drift (this VM's
+    speed wanders by 10-40 % over minutes) hits both alike.
+
+    Each round times one training step and one inference of every contender, in an order that
+    rotates from round to round. Returns per-contender medians (``{who}_train_step_s``,
+    ``{who}_infer_s``) and, per JAX contender, the median over rounds of its time divided by
+    PyTorch's in the same round (``{who}_train_vs_torch``, ``{who}_infer_vs_torch``).
+
+    ``variants``: comma-separated values of :data:`sphere_jax.models.conv_cpu.FORMULATION` to time
+    as extra JAX contenders (e.g. ``"conv"``: every layer as before the per-shape plan);
+    ours is always ``"jax"`` (the library default).
+    """
+    import jax
+    import optax
+
+    from sphere_jax import train
+    from sphere_jax.models import conv_cpu
+
+    torch.manual_seed(0)
+    model, hw, ncls, seg = build(name, L)
+    task = "segment" if seg else "classify"
+    xt = torch.randn(batch, 1, *hw)
+    yt = torch.randint(0, ncls, (batch, *hw) if seg else (batch,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def t_train():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xt), yt).backward()
+        opt.step()
+
+    def t_infer():
+        with torch.no_grad():
+            model(xt).sum().item()
+
+    contenders = {"torch": (t_train, t_infer)}
+    xj = np.asarray(xt.numpy().transpose(0, 2, 3, 1))
+    yj = np.asarray(yt.numpy())
+    for who, how in [("jax", conv_cpu.FORMULATION)] + [(f"jax_{v}", v) for v in variants.split(",") if v]:
+        old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the functions are traced
+        jm = cnn.make_cnn(name)
+        params = jm.init(jax.random.key(0), xj[:1])["params"]
+        step = train.make_train_step(jm, task)
+        predict = train.make_predict(jm)
+        holder = {"s": train.TrainState.create(params, optax.adam(1e-3))}
+
+        def j_train(step=step, holder=holder):
+            holder["s"], loss = step(holder["s"], None, xj, yj)
+            jax.block_until_ready(loss)
+
+        def j_infer(predict=predict, holder=holder):
+            jax.block_until_ready(predict(holder["s"].params, None, xj))
+
+        j_train(), j_infer()  # compile now, under this formulation
+        conv_cpu.FORMULATION = old
+        contenders[who] = (j_train, j_infer)
+    for train_fn, infer_fn in contenders.values():  # warm-up
+        train_fn(), infer_fn(), train_fn(), infer_fn()
+    names = list(contenders)
+    times = {w: {"train": [], "infer": []} for w in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for kind, idx in (("train", 0), ("infer", 1)):
+            for w in order:
+                # a pause first: torch's OpenMP threads keep spinning for a while after each call
+                # and slowed the next JAX call of a 2 ms model by 70 % (measured); 1 ms of sleep
+                # removed most of that
+                time.sleep(0.05)
+                t = time.perf_counter()
+                contenders[w][idx]()
+                times[w][kind].append(time.perf_counter() - t)
+    out = {"model": name, "L": L, "batch": batch, "rounds": rounds, "torch": torch.__version__,
+           "threads": torch.get_num_threads()}
+    for w in names:
+        for kind, key in (("train", "train_step_s"), ("infer", "infer_s")):
+            out[f"{w}_{key}"] = float(np.median(times[w][kind]))
+            if w != "torch":
+                ratios = np.asarray(times[w][kind]) / np.asarray(times["torch"][kind])
+                out[f"{w}_{kind}_vs_torch"] = round(float(np.median(ratios)), 3)
+    return out
+
+
 def main(argv):
     args = {a.split("=")[0]: (a.split("=", 1)[1] if "=" in a else True) for a in argv[1:] if a.startswith("--")}
     names = [a for a in argv[1:] if not a.startswith("--")]
@@ -182,6 +267,10 @@ def main(argv):
     torch.set_num_threads(int(args.get("--threads", os.cpu_count() or 1)))
     L = int(args.get("--L", 50 if names[0] in cnn.SEGMENTERS else 30))
     out = {}
+    if args.get("--paired"):
+        print(json.dumps(paired(names[0], L, int(args.get("--batch", 32)), int(args.get("--repeats", 7)),
+                                str(args.get("--variants", "")))))
+        return
     if args.get("--check"):
         out["check_rel_err"] = check(names[0], L)
         if out["check_rel_err"] > 1e-4:

@@ -99,3 +99,25 @@ def test_markdown_and_plot_of_saved_rows(tmp_path):
         assert md.count("\n") == 2 + len(rows)
         path = benchmark.plot_latency(rows, str(tmp_path / f"{name}.png"))
         assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_torch_table_of_paired_rows():
+    """vs_torch.md from hand-made rows: ms below a second, the paired medians and the per-round
+    ratios, one column pair per variant; rows without a PyTorch twin are left out."""
+    sys.path.insert(0, ROOT)
+    from experiments import benchmark as cli
+
+    rows = [
+        {"model": "cnn_cls_68k", "L": 30, "train_batch": 32, "torch_rounds": 7, "torch_train_step_s": 0.0072,
+         "torch_infer_s": 0.0025, "paired_train_step_s": 0.0066, "paired_infer_s": 0.0026, "train_vs_torch": 0.93,
+         "infer_vs_torch": 1.01, "conv_train_vs_torch": 1.21, "conv_infer_vs_torch": 1.44},
+        {"model": "s2cnn_cls", "L": 30, "train_batch": 32},
+        {"model": "cnn_5_5m", "L": 50, "train_batch": 32, "torch_rounds": 5, "torch_train_step_s": 5.3,
+         "torch_infer_s": 2.1, "paired_train_step_s": 5.9, "paired_infer_s": 1.6, "train_vs_torch": 1.11,
+         "infer_vs_torch": 0.76, "conv_train_vs_torch": 1.2, "conv_infer_vs_torch": 0.9},
+    ]
+    md = cli.torch_markdown(rows, ["conv"]).splitlines()
+    assert md[0].endswith("| conv: train ratio | conv: inference ratio |")
+    assert md[2] == "| cnn_cls_68k | 30 | 32 | 7.2 ms | 6.6 ms | 0.93 | 2.5 ms | 2.6 ms | 1.01 | 1.21 | 1.44 |"
+    assert md[3] == "| cnn_5_5m | 50 | 32 | 5.300 s | 5.900 s | 1.11 | 2.100 s | 1.600 s | 0.76 | 1.2 | 0.9 |"
+    assert len([l for l in md if l.startswith("| cnn")]) == 2 and "5, 7 rounds" in md[-1]
