@@ -96,6 +96,9 @@ def run_variant(variant, images, labels, test):
         b = stream.batch(s)
         state, loss = step_fn(state, tables, b[0], train.targets(b, task))
         losses.append(loss)
+        if s == 0:  # an early line (compile + first step), so that a slow start is not taken for a hang
+            jax.block_until_ready(loss)
+            print(variant, json.dumps({"first_step_s": round(time.time() - t0, 1)}), flush=True)
         if (s + 1) % FLAGS.eval_every == 0 or s + 1 == FLAGS.steps:
             h = runner.evaluate_params(predict, task, state.variables, tables, hoi, hol, cfg, 1)
             curve.append({"step": s + 1, "loss": float(np.mean(jnp.stack(losses))), "holdout": score(h)})
