@@ -144,11 +144,12 @@ def check(name: str, L: int) -> float:
     return float(np.max(np.abs(yt - yj)) / np.max(np.abs(yj)))
 
 
-def timing(name: str, L: int, batch: int = 32, repeats: int = 3) -> dict:
-    """Median training step and inference of the twin at batch ``batch`` (after 2 warm-ups)."""
+def _twin_step(name: str, L: int, batch: int):
+    """The twin's ``(train, infer, x, y, n_params, is_segmenter)`` on one random batch (seed 0):
+    ``train()`` is one Adam step on cross-entropy, ``infer()`` one forward without gradients;
+    ``x`` is ``[B, 1, H, W]``, ``y`` the labels (``[B]`` or ``[B, H, W]``)."""
     torch.manual_seed(0)
     model, hw, ncls, seg = build(name, L)
-    params = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch, 1, *hw)
     y = torch.randint(0, ncls, (batch, *hw) if seg else (batch,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -164,6 +165,12 @@ def timing(name: str, L: int, batch: int = 32, repeats: int = 3) -> dict:
         with torch.no_grad():
             return model(x).sum().item()
 
+    return train, infer, x, y, sum(p.numel() for p in model.parameters()), seg
+
+
+def timing(name: str, L: int, batch: int = 32, repeats: int = 3) -> dict:
+    """Median training step and inference of the twin at batch ``batch`` (after 2 warm-ups)."""
+    train, infer, _, _, params, _ = _twin_step(name, L, batch)
     for f in (train, infer):
         f(), f()
     ts = {"train": [], "infer": []}
@@ -196,27 +203,13 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     from sphere_jax import train
     from sphere_jax.models import conv_cpu
 
-    torch.manual_seed(0)
-    model, hw, ncls, seg = build(name, L)
+    t_train, t_infer, xt, yt, _, seg = _twin_step(name, L, batch)
     task = "segment" if seg else "classify"
-    xt = torch.randn(batch, 1, *hw)
-    yt = torch.randint(0, ncls, (batch, *hw) if seg else (batch,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def t_train():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xt), yt).backward()
-        opt.step()
-
-    def t_infer():
-        with torch.no_grad():
-            model(xt).sum().item()
-
     contenders = {"torch": (t_train, t_infer)}
     xj = np.asarray(xt.numpy().transpose(0, 2, 3, 1))
     yj = np.asarray(yt.numpy())
     for who, how in [("jax", conv_cpu.FORMULATION)] + [(f"jax_{v}", v) for v in variants.split(",") if v]:
-        old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the functions are traced
+        old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
         jm = cnn.make_cnn(name)
         params = jm.init(jax.random.key(0), xj[:1])["params"]
         step = train.make_train_step(jm, task)
@@ -230,8 +223,10 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
         def j_infer(predict=predict, holder=holder):
             jax.block_until_ready(predict(holder["s"].params, None, xj))
 
-        j_train(), j_infer()  # compile now, under this formulation
-        conv_cpu.FORMULATION = old
+        try:
+            j_train(), j_infer()  # compile now, under this formulation
+        finally:
+            conv_cpu.FORMULATION = old
         contenders[who] = (j_train, j_infer)
     for train_fn, infer_fn in contenders.values():  # warm-up
         train_fn(), infer_fn(), train_fn(), infer_fn()

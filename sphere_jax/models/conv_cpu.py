@@ -32,8 +32,6 @@ the CPU backend only (``conv_impl="auto"``); on GPU the plain ``lax`` convolutio
 from __future__ import annotations
 
 from functools import partial
-from typing import Mapping, Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,12 +100,15 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int) -> dict:
     return {"fwd": fwd, "adj": pick(ci >= 48), "wgrad": "patches" if ci == 1 else "taps"}
 
 
+def _tap(x, a, b, s, Ho, Wo):
+    """The input pixels that kernel tap (a, b) of a stride-s conv meets: x [B,H,W,Ci] -> [B,Ho,Wo,Ci]."""
+    return x[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :]
+
+
 def _patches(x, k, s):
     """Patches of a stride-s VALID conv: x [B,H,W,Ci] -> [B,Ho,Wo,k*k*Ci] (tap-major: index (a*k + b)*Ci + c)."""
-    _, H, W, _ = x.shape
-    Ho, Wo = _out(H, k, s), _out(W, k, s)
-    return jnp.concatenate([x[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :]
-                            for a in range(k) for b in range(k)], axis=-1)
+    Ho, Wo = _out(x.shape[1], k, s), _out(x.shape[2], k, s)
+    return jnp.concatenate([_tap(x, a, b, s, Ho, Wo) for a in range(k) for b in range(k)], axis=-1)
 
 
 def _fwd(x, w, s):
@@ -126,8 +127,8 @@ def _fwd(x, w, s):
     if how == "patches":
         return jnp.dot(_patches(x, k, s), w.reshape(k * k * ci, co), precision=lax.Precision.HIGHEST)
     if how == "taps":
-        return sum(jnp.dot(x[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :], w[a, b],
-                           precision=lax.Precision.HIGHEST) for a in range(k) for b in range(k))
+        return sum(jnp.dot(_tap(x, a, b, s, Ho, Wo), w[a, b], precision=lax.Precision.HIGHEST)
+                   for a in range(k) for b in range(k))
     if s > 1:
         return _fwd_s2d(x, w, s)
     y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
@@ -240,7 +241,7 @@ def _wgrad_taps(x, dy, k, s):
         gs = []
         for a in range(k):
             for b in range(k):
-                t = xi[:, a:a + s * (Ho - 1) + 1:s, b:b + s * (Wo - 1) + 1:s, :].reshape(-1, ci)
+                t = _tap(xi, a, b, s, Ho, Wo).reshape(-1, ci)
                 gs.append(lax.dot_general(t, di, (((0,), (0,)), ((), ())), precision=hi))
         return jnp.stack(gs)  # [k*k, ci, co]
 
