@@ -5,7 +5,9 @@ DIR/latency_vs_batch.png (inference latency against batch size); with --torch al
 DIR/vs_torch.md: each planar CNN against its PyTorch twin, timed in the same run. Without --reduced (or with
 --full): the study's band-limits (50 segmentation, 30 classification) and inference batches
 1..64, meant for a GPU; --reduced: small band-limits (12 / 10, raised to what a model needs)
-and batches 1, 4, 16 for a CPU. Every model is measured in its own subprocess (peak RSS).
+and batches 1, 4, 16 for a CPU. --layers=MODEL,...: instead, each equivariant layer of these S2CNNs
+compiled alone (forward + backward at --train_batch) with its cost analysis, the bytes of its
+layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.md. Every model is measured in its own subprocess (peak RSS).
 """
 import json
 import os
@@ -37,6 +39,9 @@ flags.DEFINE_list("transforms_L", None, "instead of models: compare the transfor
                   "(dft, fft, s2fft) at these band-limits, e.g. 10,30,50 (writes transforms.json / .md)")
 flags.DEFINE_list("transforms", ["dft", "fft", "s2fft"], "implementations for --transforms_L")
 flags.DEFINE_integer("transform_signals", 16, "--transforms_L: batch x channels = this x 1 real signals")
+flags.DEFINE_list("layers", None, "instead of whole models: per-layer accounting of these S2CNN models (each "
+                  "layer's forward + backward compiled alone at --train_batch: GFLOP, GB, layout-copy GB, and time "
+                  "unless --repeats=0); writes layers.json and layers.md")
 flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
                   "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
                   "report the medians and the median per-round ratio (vs_torch.md)")
@@ -142,10 +147,29 @@ def torch_markdown(rows: list[dict], variants=()) -> str:
         "(below 1: ours is faster).\n")
 
 
+def layer_accounting():
+    results, text = [], ""
+    for name in FLAGS.layers:
+        L = FLAGS.L or benchmark.study_L(name, FLAGS.reduced)
+        case = {"layers": name, "L": L, "batch": FLAGS.train_batch or 1, "repeats": FLAGS.repeats}
+        results.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+        text += (benchmark.layers_markdown(results[-1]) if "layers" in results[-1]
+                 else f"{name}: error: {results[-1]['error']}\n") + "\n"
+        print(json.dumps(results[-1]), flush=True)
+    with open(os.path.join(FLAGS.out, "layers.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(FLAGS.out, "layers.md"), "w") as f:
+        f.write(text)
+    print(text + f"wrote {FLAGS.out}/layers.json, layers.md")
+
+
 def main(_):
     if FLAGS.transforms_L:
         os.makedirs(FLAGS.out, exist_ok=True)
         return compare_transforms()
+    if FLAGS.layers:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return layer_accounting()
     todo = cases()
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []

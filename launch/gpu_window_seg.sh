@@ -2,6 +2,7 @@
 # One short GPU window for the segmentation study and the S2CNN's speed (a lent H100/H200):
 #   1. times the 204k segmenter's batch-32 training step at band-limit 50 with each SO(3)
 #      transform variant, and with the code of BEFORE (a copy of an earlier sphere_jax, if given);
+#      then each of its layers alone with the fastest variant (time, GFLOP, GB, layout copies);
 #   2. trains run 0 of paper_segmentation (the S2CNN trained NR on MNIST) with the fastest
 #      variant, beside CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU
 #      default), until TRAIN_S;
@@ -69,6 +70,20 @@ ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r
 print(min(ok, key=lambda r: r["train_step_s"])["transforms"] if ok else "fft")
 PY
 )
+# where the step's time and bytes go: each layer's forward + backward alone (one more line of
+# benchmark.jsonl, label "layers-$BEST"); LAYERS=0 skips it (about a minute)
+if [ "${LAYERS:-1}" != 0 ]; then
+  SPHERE_JAX_TRANSFORMS=$BEST $PY - "$BEST" "$L" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+import json, sys
+from sphere_jax import benchmark as b
+try:
+    row = b.layer_case(dict(layers="s2cnn_204k", L=int(sys.argv[2]), batch=32, repeats=5))
+except Exception as e:
+    row = dict(model="s2cnn_204k", error=f"{type(e).__name__}: {str(e)[:300]}")
+row.update(label=f"layers-{sys.argv[1]}", transforms=sys.argv[1])
+print(json.dumps(row), flush=True)
+PY
+fi
 echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST" | tee -a "$OUT/env.txt"
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -67,6 +68,93 @@ def cost_of(compiled) -> dict:
     ca = ca or {}
     flops, nbytes = ca.get("flops"), ca.get("bytes accessed")
     return {"gflop": round(flops / 1e9, 3) if flops else None, "gb": round(nbytes / 1e9, 3) if nbytes else None}
+
+
+_DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "c64": 8, "c128": 16, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
+
+
+def copy_gb(hlo_text: str) -> float:
+    """GB moved by layout copies in a compiled module's entry computation: every instruction
+    whose name contains ``copy`` or ``transpose`` (XLA's layout changes, on CPU and GPU),
+    counted as its output written once and read once. An estimate from the HLO text, to set
+    beside the cost analysis' total bytes."""
+    start = hlo_text.find("ENTRY")
+    total = 0
+    for line in hlo_text[start:].splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+        if not m or not re.search(r"copy|transpose", m.group(1)):
+            continue
+        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(2)):
+            if dt in _DTYPE_BYTES:
+                total += _DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return round(2 * total / 1e9, 3)
+
+
+def layer_case(case: dict) -> dict:
+    """Per-layer accounting of an S2CNN's training step: for each equivariant layer (and the
+    ReLU after it), its forward + backward pass at ``case["batch"]`` compiled alone.
+
+    ``case``: ``layers`` (an S2CNN model name), ``L`` (input band-limit), ``batch``, ``repeats``
+    (0: cost analysis only, no timing). Returns ``{"model", "L", "batch", "device", "layers":
+    [row, ...]}``, one row per layer: ``layer, kind, L_in, L_out, c_in, c_out, gflop, gb,
+    copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of ``repeats``, when timed) and
+    ``compile_s``. The rows' sums leave out only the loss, the input scaling and the optimizer.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from sphere_jax import harmonics as hm
+    from sphere_jax.models import registry, s2cnn
+
+    model, _ = registry.make_model(case["layers"], L_in=case["L"])
+    if not isinstance(model, (s2cnn.S2CNNSegmenter, s2cnn.S2CNNClassifier)):
+        raise ValueError(f"per-layer accounting covers S2CNN models, not {case['layers']!r}")
+    mods = s2cnn.layer_modules(model)
+    tables = hm.build_tables(model.table_specs())
+    B, key = case["batch"], jax.random.key(0)
+    shape = (B, 2 * case["L"], 2 * case["L"] - 1, model.config.in_channels)
+    rows = []
+    for i, m in enumerate(mods):
+        x = jax.random.normal(key, shape, jnp.float32)
+        params = jax.jit(m.init)(key, x, tables)
+        relu = i < len(mods) - 1 or isinstance(model, s2cnn.S2CNNClassifier)
+
+        def f(v, x, m=m, relu=relu):
+            fwd = lambda v, x: (jax.nn.relu if relu else (lambda y: y))(m.apply(v, x, tables))
+            y, vjp = jax.vjp(fwd, v, x)
+            return vjp(y)
+
+        t = time.perf_counter()
+        compiled = jax.jit(f).lower(params, x).compile()
+        row = {"layer": m.name, "kind": type(m).__name__, "L_in": m.L_in, "L_out": m.L_out,
+               "c_in": shape[-1], "c_out": m.features, **cost_of(compiled), "copy_gb": copy_gb(compiled.as_text())}
+        if case.get("repeats", 0):
+            jax.block_until_ready(compiled(params, x))
+            row["compile_s"] = round(time.perf_counter() - t, 2)
+            row["fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready(compiled(params, x)), case["repeats"])
+        rows.append(row)
+        y = jax.eval_shape(lambda v, x: m.apply(v, x, tables), params, x)
+        shape = y.shape
+        del params, x, compiled
+    return {"model": case["layers"], "L": case["L"], "batch": B, "device": jax.devices()[0].device_kind, "layers": rows}
+
+
+def layers_markdown(result: dict) -> str:
+    """Table of :func:`layer_case`'s rows with a total line."""
+    rows = result["layers"]
+    timed = all("fwd_bwd_s" in r for r in rows)
+    head = (f"{result['model']}, L={result['L']}, batch {result['batch']}, {result['device']}: each layer's "
+            f"forward + backward compiled alone\n\n"
+            "| layer | kind | L in -> out | channels | GFLOP | GB | of which layout copies GB |"
+            + (" fwd+bwd s |" if timed else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if timed else "") + "\n")
+    body = ""
+    for r in rows:
+        body += (f"| {r['layer']} | {r['kind']} | {r['L_in']} -> {r['L_out']} | {r['c_in']} -> {r['c_out']} | "
+                 f"{r['gflop']} | {r['gb']} | {r['copy_gb']} |" + (f" {_fmt_s(r['fwd_bwd_s'])} |" if timed else "") + "\n")
+    tot = lambda k: round(sum(r[k] or 0 for r in rows), 3)
+    body += (f"| total | | | | {tot('gflop')} | {tot('gb')} | {tot('copy_gb')} |"
+             + (f" {_fmt_s(tot('fwd_bwd_s'))} |" if timed else "") + "\n")
+    return head + body
 
 
 def model_task(name: str) -> str:
@@ -290,14 +378,14 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"model": case.get("model"), "transforms": case.get("transforms"), "L": case["L"],
+        return {"model": case.get("model") or case.get("layers"), "transforms": case.get("transforms"), "L": case["L"],
                 "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         # the exception line, not JAX's "removed its internal frames" notice
         errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
-        return {"model": case.get("model"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
+        return {"model": case.get("model") or case.get("layers"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 
@@ -372,4 +460,5 @@ def plot_latency(rows: list[dict], path: str) -> str:
 
 if __name__ == "__main__":
     _case = json.loads(sys.argv[1])
-    print(json.dumps(transforms_case(_case) if "transforms" in _case else run_case(_case)))
+    _run = transforms_case if "transforms" in _case else layer_case if "layers" in _case else run_case
+    print(json.dumps(_run(_case)))
