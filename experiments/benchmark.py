@@ -7,7 +7,9 @@ DIR/vs_torch.md: each planar CNN against its PyTorch twin, timed in the same run
 1..64, meant for a GPU; --reduced: small band-limits (12 / 10, raised to what a model needs)
 and batches 1, 4, 16 for a CPU. --layers=MODEL,...: instead, each equivariant layer of these S2CNNs
 compiled alone (forward + backward at --train_batch) with its cost analysis, the bytes of its
-layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.md. Every model is measured in its own subprocess (peak RSS).
+layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.md.
+--layouts=MODEL,...: each S2CNN under both SO(3) layouts in one process, timed alternately
+(DIR/layouts.json: times, paired ratio, XLA temporaries, tables, output difference). Every model is measured in its own subprocess (peak RSS).
 """
 import json
 import os
@@ -42,6 +44,10 @@ flags.DEFINE_integer("transform_signals", 16, "--transforms_L: batch x channels 
 flags.DEFINE_list("layers", None, "instead of whole models: per-layer accounting of these S2CNN models (each "
                   "layer's forward + backward compiled alone at --train_batch: GFLOP, GB, layout-copy GB, and time "
                   "unless --repeats=0); writes layers.json and layers.md")
+flags.DEFINE_list("layouts", None, "instead of whole models: these S2CNNs built under each SO(3) layout "
+                  "(channels_last, gamma_first) in one process, timed alternately (--layouts_what, --train_batch or "
+                  "the first --infer_batches, --repeats rounds); writes layouts.json")
+flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts: time the training step or inference")
 flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
                   "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
                   "report the medians and the median per-round ratio (vs_torch.md)")
@@ -163,6 +169,19 @@ def layer_accounting():
     print(text + f"wrote {FLAGS.out}/layers.json, layers.md")
 
 
+def layout_comparison():
+    rows = []
+    for name in FLAGS.layouts:
+        batch = FLAGS.train_batch if FLAGS.layouts_what == "train" else int((FLAGS.infer_batches or [1])[0])
+        case = {"layout_model": name, "L": FLAGS.L or benchmark.study_L(name, FLAGS.reduced), "batch": batch or 1,
+                "rounds": FLAGS.repeats, "what": FLAGS.layouts_what}
+        rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+        print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(FLAGS.out, "layouts.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {FLAGS.out}/layouts.json")
+
+
 def main(_):
     if FLAGS.transforms_L:
         os.makedirs(FLAGS.out, exist_ok=True)
@@ -170,6 +189,9 @@ def main(_):
     if FLAGS.layers:
         os.makedirs(FLAGS.out, exist_ok=True)
         return layer_accounting()
+    if FLAGS.layouts:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return layout_comparison()
     todo = cases()
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU window for the segmentation study and the S2CNN's speed (a lent H100/H200):
 #   1. times the 204k segmenter's batch-32 training step at band-limit 50 with each SO(3)
-#      transform variant, and with the code of BEFORE (a copy of an earlier sphere_jax, if given);
+#      transform variant (TRANSFORMS[/SO3_LAYOUT], default layout gamma_first), and with the code
+#      of BEFORE (a copy of an earlier sphere_jax, if given);
 #      then each of its layers alone with the fastest variant (time, GFLOP, GB, layout copies);
 #   2. trains run 0 of paper_segmentation (the S2CNN trained NR on MNIST) with the fastest
 #      variant, beside CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU
@@ -24,7 +25,7 @@ SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
 PY=${PYTHON:-python3}
 CLS_ONLY=${CLS_ONLY-49,51,53,59,65,71,77}
 CLS_JOBS=${CLS_JOBS:-3}
-VARIANTS=${VARIANTS:-dft fft}
+VARIANTS=${VARIANTS:-dft dft/channels_last fft}
 if [ -z "${SKIP_INSTALL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -44,8 +45,9 @@ else
 fi
 
 # 1. the segmenter's training step per variant (and before), one process each, nothing else running
-bench() {  # bench LABEL PYTHONPATH TRANSFORMS COST
-  SPHERE_JAX_TRANSFORMS=$3 PYTHONPATH=$2 $PY - "$1" "$L" "$4" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+bench() {  # bench LABEL PYTHONPATH TRANSFORMS[/SO3_LAYOUT] COST
+  SPHERE_JAX_TRANSFORMS=${3%%/*} SPHERE_JAX_SO3_LAYOUT=$(case $3 in */*) echo "${3#*/}";; *) echo gamma_first;; esac) \
+    PYTHONPATH=$2 $PY - "$1" "$L" "$4" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
 import json, os, sys
 from sphere_jax import benchmark as b
 case = dict(model="s2cnn_204k", L=int(sys.argv[2]), infer_batches=[32], train_batch=32, repeats=5,
@@ -54,7 +56,8 @@ try:
     row = b.run_case(case)
 except Exception as e:  # a variant that does not compile is a result too
     row = dict(model=case["model"], L=case["L"], error=f"{type(e).__name__}: {str(e)[:300]}")
-row.update(label=sys.argv[1], transforms=os.environ["SPHERE_JAX_TRANSFORMS"])
+row.update(label=sys.argv[1], transforms=os.environ["SPHERE_JAX_TRANSFORMS"],
+           so3_layout=os.environ["SPHERE_JAX_SO3_LAYOUT"])
 print(json.dumps(row), flush=True)
 PY
   tail -1 "$OUT/benchmark.jsonl"
@@ -67,9 +70,12 @@ BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r]
-print(min(ok, key=lambda r: r["train_step_s"])["transforms"] if ok else "fft")
+best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "fft", "so3_layout": "channels_last"}
+print(best["transforms"] + " " + best.get("so3_layout", "channels_last"))
 PY
 )
+read -r BEST BEST_LAYOUT <<< "$BEST"
+export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT  # read with the "dft" transforms only
 # where the step's time and bytes go: each layer's forward + backward alone (one more line of
 # benchmark.jsonl, label "layers-$BEST"); LAYERS=0 skips it (about a minute)
 if [ "${LAYERS:-1}" != 0 ]; then
@@ -84,7 +90,7 @@ row.update(label=f"layers-{sys.argv[1]}", transforms=sys.argv[1])
 print(json.dumps(row), flush=True)
 PY
 fi
-echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST" | tee -a "$OUT/env.txt"
+echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT" | tee -a "$OUT/env.txt"
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
 common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")

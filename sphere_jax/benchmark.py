@@ -95,10 +95,11 @@ def layer_case(case: dict) -> dict:
     ReLU after it), its forward + backward pass at ``case["batch"]`` compiled alone.
 
     ``case``: ``layers`` (an S2CNN model name), ``L`` (input band-limit), ``batch``, ``repeats``
-    (0: cost analysis only, no timing). Returns ``{"model", "L", "batch", "device", "layers":
-    [row, ...]}``, one row per layer: ``layer, kind, L_in, L_out, c_in, c_out, gflop, gb,
-    copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of ``repeats``, when timed) and
-    ``compile_s``. The rows' sums leave out only the loss, the input scaling and the optimizer.
+    (0: cost analysis only, no timing). Returns ``{"model", "L", "batch", "device", "so3_layout",
+    "layers": [row, ...]}``, one row per layer: ``layer, kind, L_in, L_out, c_in, c_out, layout``
+    (of its SO(3) input), ``gflop, gb, copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of
+    ``repeats``, when timed) and ``compile_s``. The rows' sums leave out only the loss, the input
+    scaling, the optimizer and the model's changes of layout.
     """
     import jax
     import jax.numpy as jnp
@@ -112,9 +113,16 @@ def layer_case(case: dict) -> dict:
     mods = s2cnn.layer_modules(model)
     tables = hm.build_tables(model.table_specs())
     B, key = case["batch"], jax.random.key(0)
-    shape = (B, 2 * case["L"], 2 * case["L"] - 1, model.config.in_channels)
+    c_in = model.config.in_channels
     rows = []
     for i, m in enumerate(mods):
+        L = m.L_in
+        if i == 0:
+            shape = (B, 2 * L, 2 * L - 1, c_in)
+        elif getattr(m, "layout", "channels_last") == "gamma_first":
+            shape = (2 * L - 1, B, c_in, 2 * L, 2 * L - 1)
+        else:
+            shape = (B, 2 * L - 1, 2 * L, 2 * L - 1, c_in)
         x = jax.random.normal(key, shape, jnp.float32)
         params = jax.jit(m.init)(key, x, tables)
         relu = i < len(mods) - 1 or isinstance(model, s2cnn.S2CNNClassifier)
@@ -126,24 +134,94 @@ def layer_case(case: dict) -> dict:
 
         t = time.perf_counter()
         compiled = jax.jit(f).lower(params, x).compile()
-        row = {"layer": m.name, "kind": type(m).__name__, "L_in": m.L_in, "L_out": m.L_out,
-               "c_in": shape[-1], "c_out": m.features, **cost_of(compiled), "copy_gb": copy_gb(compiled.as_text())}
+        row = {"layer": m.name, "kind": type(m).__name__, "L_in": m.L_in, "L_out": m.L_out, "c_in": c_in,
+               "c_out": m.features, "layout": getattr(m, "layout", "-"), **cost_of(compiled),
+               "copy_gb": copy_gb(compiled.as_text())}
         if case.get("repeats", 0):
             jax.block_until_ready(compiled(params, x))
             row["compile_s"] = round(time.perf_counter() - t, 2)
             row["fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready(compiled(params, x)), case["repeats"])
         rows.append(row)
-        y = jax.eval_shape(lambda v, x: m.apply(v, x, tables), params, x)
-        shape = y.shape
+        c_in = m.features
         del params, x, compiled
-    return {"model": case["layers"], "L": case["L"], "batch": B, "device": jax.devices()[0].device_kind, "layers": rows}
+    return {"model": case["layers"], "L": case["L"], "batch": B, "device": jax.devices()[0].device_kind,
+            "so3_layout": hm.so3_layout(), "layers": rows}
+
+
+def layout_case(case: dict) -> dict:
+    """One S2CNN built under each SO(3) layout (:func:`sphere_jax.harmonics.so3_layout`) in one
+    process, its training step (``what="train"``) or inference (``"infer"``) timed alternately.
+
+    ``case``: ``layout_model`` (name), ``L``, ``batch``, ``rounds``, ``what``. Returns per layout
+    the median time ``s``, XLA's temporary bytes ``temp_mb`` and the tables' ``tables_mb``; the
+    median of the per-round ratios ``gamma_first / channels_last`` (``ratio``) and the largest
+    difference of the two layouts' outputs relative to their scale (``max_rel_diff``).
+    """
+    import jax
+    import optax
+
+    from sphere_jax import harmonics as hm
+    from sphere_jax import train
+    from sphere_jax.models import registry
+
+    name, L, B = case["layout_model"], case["L"], case["batch"]
+    old = os.environ.get("SPHERE_JAX_SO3_LAYOUT")
+    runs, outs = {}, {}
+    try:
+        for layout in hm.SO3_LAYOUTS:
+            os.environ["SPHERE_JAX_SO3_LAYOUT"] = layout
+            model, task = registry.make_model(name, L_in=L)
+            tables = hm.build_tables(model.table_specs())
+            key = jax.random.key(0)
+            x = jax.random.uniform(key, (B, 2 * L, 2 * L - 1, 1))
+            variables = jax.jit(model.init)(key, x, tables)
+            predict = train.make_predict(model).lower(variables, tables, x).compile()
+            outs[layout] = np.asarray(predict(variables, tables, x))
+            if case["what"] == "train":
+                y = jax.random.randint(key, (B,) if task == "classify" else (B, 2 * L, 2 * L - 1), 0, 10)
+                params, model_state = train.split_variables(variables)
+                state = train.TrainState.create(params, optax.adam(1e-3), model_state)
+                fn = train.make_train_step(model, task).lower(state, tables, x, y).compile()
+                holder = {"s": state}
+
+                def call(fn=fn, holder=holder, tables=tables, x=x, y=y):
+                    holder["s"], loss = fn(holder["s"], tables, x, y)
+                    jax.block_until_ready(loss)
+            else:
+                fn = predict
+                call = lambda fn=fn, v=variables, t=tables, x=x: jax.block_until_ready(fn(v, t, x))
+            runs[layout] = {"call": call, "temp_mb": round(fn.memory_analysis().temp_size_in_bytes / 1e6, 1),
+                            "tables_mb": round(sum(t.nbytes for t in tables.values()) / 1e6, 1), "t": []}
+    finally:
+        if old is None:
+            os.environ.pop("SPHERE_JAX_SO3_LAYOUT", None)
+        else:
+            os.environ["SPHERE_JAX_SO3_LAYOUT"] = old
+    for r in range(case["rounds"] + 1):  # round 0 warms up
+        for layout in (hm.SO3_LAYOUTS if r % 2 else hm.SO3_LAYOUTS[::-1]):
+            time.sleep(0.05)
+            t = time.perf_counter()
+            runs[layout]["call"]()
+            if r:
+                runs[layout]["t"].append(time.perf_counter() - t)
+    a, b = (np.asarray(runs[k]["t"]) for k in hm.SO3_LAYOUTS)
+    ref = outs["channels_last"]
+    return {
+        "model": name, "L": L, "batch": B, "what": case["what"], "rounds": case["rounds"],
+        "device": jax.devices()[0].device_kind,
+        **{k: {"s": round(float(np.median(v["t"])), 4), "temp_mb": v["temp_mb"], "tables_mb": v["tables_mb"]}
+           for k, v in runs.items()},
+        "ratio": round(float(np.median(b / a)), 3),
+        "max_rel_diff": float(np.max(np.abs(outs["gamma_first"] - ref)) / max(float(np.max(np.abs(ref))), 1e-30)),
+    }
 
 
 def layers_markdown(result: dict) -> str:
     """Table of :func:`layer_case`'s rows with a total line."""
     rows = result["layers"]
     timed = all("fwd_bwd_s" in r for r in rows)
-    head = (f"{result['model']}, L={result['L']}, batch {result['batch']}, {result['device']}: each layer's "
+    head = (f"{result['model']}, L={result['L']}, batch {result['batch']}, {result['device']}, SO(3) layout "
+            f"{result.get('so3_layout', 'channels_last')}: each layer's "
             f"forward + backward compiled alone\n\n"
             "| layer | kind | L in -> out | channels | GFLOP | GB | of which layout copies GB |"
             + (" fwd+bwd s |" if timed else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if timed else "") + "\n")
@@ -378,14 +456,14 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"model": case.get("model") or case.get("layers"), "transforms": case.get("transforms"), "L": case["L"],
+        return {"model": case.get("model") or case.get("layers") or case.get("layout_model"), "transforms": case.get("transforms"), "L": case["L"],
                 "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         # the exception line, not JAX's "removed its internal frames" notice
         errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
-        return {"model": case.get("model") or case.get("layers"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
+        return {"model": case.get("model") or case.get("layers") or case.get("layout_model"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 
@@ -460,5 +538,6 @@ def plot_latency(rows: list[dict], path: str) -> str:
 
 if __name__ == "__main__":
     _case = json.loads(sys.argv[1])
-    _run = transforms_case if "transforms" in _case else layer_case if "layers" in _case else run_case
+    _run = (transforms_case if "transforms" in _case else layer_case if "layers" in _case
+            else layout_case if "layout_model" in _case else run_case)
     print(json.dumps(_run(_case)))

@@ -15,6 +15,10 @@ Conventions (s2fft's):
   Coefficients ``flmn [B, 2N-1, L, 2L-1, C]``, ``flmn[:, N-1+n, l, L-1+m]``;
   ``f(R) = sum (2l+1)/(8 pi^2) flmn conj(D^l_mn(R))`` with
   ``D^l_mn(alpha, beta, gamma) = exp(-i m alpha) d^l_mn(beta) exp(-i n gamma)``.
+* Gamma-first SO(3) signals ``[2N-1, B, C, 2L, 2L-1]`` (``[gamma, batch, channel, beta, alpha]``)
+  and their coefficients ``[N, 2L-1, 2, B, C, L]`` (``[n >= 0, L-1+m, re/im, batch, channel, l]``)
+  are what S2CNN models carry between SO(3) convolutions with the ``"dft"`` transforms
+  (:func:`so3_layout`, :func:`so3_forward_gf`, :func:`so3_inverse_gf`): fewer layout copies.
 * Real signals have ``flm[l, -m] = (-1)^m conj(flm[l, m])`` and
   ``flmn[-n, l, -m] = (-1)^(m+n) conj(flmn[n, l, m])``; the "half" forms keep ``n >= 0`` only,
   ``[B, N, L, 2L-1, C]`` indexed ``[:, n, l, L-1+m]``.
@@ -202,6 +206,9 @@ def table_shape(key: str) -> tuple[int, ...]:
     """Shape of the table named ``key`` (see :func:`s2_key`, :func:`so3_key`, :func:`kernel_d_key`),
     without building it."""
     parts = key.removeprefix("s2fft_").split("_")
+    if parts[0] == "so3gf":
+        L, Lb = int(parts[2][1:]), int(parts[3][1:])
+        return (Lb, 2 * Lb - 1, 2 * L, Lb) if parts[1] == "fwd" else (Lb, 2 * Lb - 1, Lb, 2 * L)
     if parts[0] == "kd":
         L = int(parts[1][1:])
         return (L, 2 * L - 1, 2 * L - 1, len(parts) - 2)
@@ -425,6 +432,119 @@ def so3_inverse(flmn: jax.Array, table: jax.Array) -> jax.Array:
     """``flmn [B, 2N-1, L, 2L-1, C]`` of a real signal -> ``[B, 2N-1, 2L, 2L-1, C]``."""
     N = table.shape[0]
     return so3_inverse_half(flmn[:, N - 1 :], table)
+
+
+# ---------------------------------------------------------------------------------------
+# The gamma-first layout of SO(3) signals (fewer layout copies)
+
+SO3_LAYOUTS = ("channels_last", "gamma_first")
+
+
+def so3_layout() -> str:
+    """How S2CNN models carry SO(3) signals between their SO(3) convolutions:
+
+    * ``"channels_last"``: ``[B, 2N-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``),
+      the layers' public layout;
+    * ``"gamma_first"``: ``[2N-1, B, C, 2L, 2L-1]`` (``[gamma, batch, channel, beta, alpha]``). The
+      gamma and alpha DFTs are then matrix products on the leading and the trailing axis, and
+      only the Wigner contraction over beta moves data (:func:`so3_forward_gf`,
+      :func:`so3_inverse_gf`). Used with the ``"dft"`` transforms only.
+
+    Set by the environment variable ``SPHERE_JAX_SO3_LAYOUT``; the default is ``"gamma_first"``
+    with the ``"dft"`` transforms and ``"channels_last"`` otherwise. Build tables and apply the
+    model under the same setting.
+    """
+    v = os.environ.get("SPHERE_JAX_SO3_LAYOUT")
+    if v is not None and v not in SO3_LAYOUTS:
+        raise ValueError(f"SPHERE_JAX_SO3_LAYOUT={v!r}; choose one of {SO3_LAYOUTS}")
+    if transforms() != "dft":
+        return "channels_last"
+    return v or "gamma_first"
+
+
+def to_gamma_first(x: jax.Array) -> jax.Array:
+    """``[B, 2N-1, 2L, 2L-1, C]`` -> ``[2N-1, B, C, 2L, 2L-1]``."""
+    return jnp.transpose(x, (1, 0, 4, 2, 3))
+
+
+def from_gamma_first(x: jax.Array) -> jax.Array:
+    """``[2N-1, B, C, 2L, 2L-1]`` -> ``[B, 2N-1, 2L, 2L-1, C]``."""
+    return jnp.transpose(x, (1, 0, 3, 4, 2))
+
+
+def so3_gf_key(L: int, forward: bool, L_band: int) -> str:
+    return f"so3gf_{'fwd' if forward else 'inv'}_L{L}_b{L_band}"
+
+
+@functools.lru_cache(maxsize=None)
+def so3_table_gf(L: int, forward: bool, L_band: int) -> np.ndarray:
+    """Wigner table of :func:`so3_table` (``N = L``) cut to ``n < Lb, l < Lb, |m| < Lb``
+    (``Lb = L_band``) and ordered for the gamma-first transforms: forward ``[Lb, 2Lb-1, 2L, Lb]``
+    indexed ``[n, Lb-1+m, beta, l]``, inverse ``[Lb, 2Lb-1, Lb, 2L]`` indexed ``[n, Lb-1+m, l, beta]``."""
+    Lb = _band(L, L_band)
+    t = so3_table(L, L, forward)[:Lb, :, :Lb, L - Lb : L + Lb - 1]  # [n, t, l, m]
+    return np.ascontiguousarray(t.transpose(0, 3, 1, 2) if forward else t.transpose(0, 3, 2, 1))
+
+
+def so3_gf_spec(L: int, forward: bool, L_band: int) -> dict[str, "callable"]:
+    """Spec of one gamma-first Wigner table (see :func:`so3_table_gf`)."""
+    return {so3_gf_key(L, forward, L_band): functools.partial(so3_table_gf, L, forward, L_band)}
+
+
+def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Real SO(3) signal, gamma first, ``[2N-1, B, C, 2L, 2L-1]`` (``N = L``) -> half coefficients
+    ``[Lb, 2Lb-1, 2, B, C, Lb]`` indexed ``[n >= 0, Lb-1+m, re/im, b, c, l]``: the same numbers as
+    :func:`so3_forward_half` with ``L_band=Lb``, for the ``table`` of :func:`so3_table_gf`
+    ``(L, True, Lb)``."""
+    Nb, Mb, T, Lb = table.shape
+    L = T // 2
+    if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
+        raise ValueError(f"gamma-first SO(3) signal must be [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}], got {x.shape}")
+    K, B, C = x.shape[:3]
+    am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
+    ms = slice(L - Lb, L + Lb - 1)
+    mg = jnp.asarray(np.concatenate([gn_c[:Nb], -gn_s[:Nb]]))  # [2Nb, K]: e^{-i n gamma}, re rows then im
+    ma = jnp.asarray(np.concatenate([am_c[ms], am_s[ms]]).T)  # [P, 2Mb]: cos then sin of m alpha
+    a = jnp.tensordot(mg, x, axes=(1, 0))  # [2Nb, B, C, T, P]: gamma -> n
+    y = jnp.tensordot(a, ma, axes=(4, 0)).reshape(2, Nb, B, C, T, 2, Mb)  # alpha -> m (cos, sin)
+    re = y[0, ..., 0, :] + y[1, ..., 1, :]  # sum_p a e^{-i m alpha_p}
+    im = y[1, ..., 0, :] - y[0, ..., 1, :]
+    return jnp.einsum("rnbctm,nmtl->nmrbcl", jnp.stack([re, im]), table)  # beta -> l
+
+
+def so3_inverse_gf(coeffs: jax.Array, table: jax.Array) -> jax.Array:
+    """Half coefficients ``[Lb, 2Lb-1, 2, B, C, Lb]`` (as :func:`so3_forward_gf` returns; the
+    coefficients outside are zero) -> real SO(3) signal, gamma first, ``[2L-1, B, C, 2L, 2L-1]``,
+    for the ``table`` of :func:`so3_table_gf` ``(L, False, Lb)``. Equals :func:`so3_inverse_half`."""
+    Nb, Mb, Lb, T = table.shape
+    L = T // 2
+    if coeffs.ndim != 6 or coeffs.shape[:3] != (Nb, Mb, 2) or coeffs.shape[5] != Lb:
+        raise ValueError(f"gamma-first SO(3) coefficients must be [{Nb}, {Mb}, 2, batch, channels, {Lb}], got {coeffs.shape}")
+    B, C = coeffs.shape[3:5]
+    am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
+    ms = slice(L - Lb, L + Lb - 1)
+    x = jnp.einsum("nmrbcl,nmlt->nbctrm", coeffs, table)  # l -> beta: [Nb, B, C, T, 2, Mb]
+    # m -> alpha: h = sum_m x e^{i m alpha}: (re, im) rows against (re, im) columns
+    mi = np.block([[am_c[ms], am_s[ms]], [-am_s[ms], am_c[ms]]]).astype(np.float32)  # [2Mb, 2P]
+    h = jnp.tensordot(x.reshape(Nb, B, C, T, 2 * Mb), jnp.asarray(mi), axes=(4, 0))
+    h = h.reshape(Nb, B, C, T, 2, 2 * L - 1)
+    # n >= 0 -> gamma: Re sum_n w_n h e^{i n gamma}
+    w = np.where(np.arange(Nb) == 0, 1.0, 2.0)[:, None]
+    mg = np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]]).astype(np.float32)  # [2 (re, im), Nb, K]
+    return jnp.einsum("nbctsp,snk->kbctp", h, jnp.asarray(mg))
+
+
+def so3_half_to_full_gf(c: jax.Array) -> jax.Array:
+    """Gamma-first half coefficients ``[N, 2L-1, 2, B, C, L]`` (n >= 0) -> ``[2N-1, 2L-1, 2, B, C, L]``
+    (``n = -(N-1)..N-1``) for a real signal: ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])``."""
+    N, M = c.shape[0], c.shape[1]
+    L = (M + 1) // 2
+    sm = (-1.0) ** np.abs(np.arange(-L + 1, L))
+    sn = (-1.0) ** np.arange(N - 1, 0, -1)  # rows n = N-1 .. 1 -> -n
+    conj = np.array([1.0, -1.0])
+    sign = (sn[:, None, None] * sm[None, :, None] * conj[None, None, :]).astype(np.float32)
+    neg = jnp.flip(c[1:], axis=(0, 1)) * sign[:, :, :, None, None, None]
+    return jnp.concatenate([neg, c], axis=0)
 
 
 def lookup(tables: Mapping[str, jax.Array], key: str) -> jax.Array:

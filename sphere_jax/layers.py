@@ -26,7 +26,9 @@ compensate the normalisation of its own FFTs, which ours do not have; with them 
 8-layer network's output would shrink ~1000x at init.
 
 Shapes (channels last): S2 signals ``[B, 2L, 2L-1, C]``, SO(3) signals
-``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L). Every
+``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L); ``SO3Conv`` also
+takes and returns ``[2L-1, B, C, 2L, 2L-1]`` with ``layout="gamma_first"`` (fewer layout copies;
+the S2CNN models use it between SO(3) convolutions, see :func:`sphere_jax.harmonics.so3_layout`). Every
 ``__call__`` takes the model's ``tables`` (see :func:`sphere_jax.harmonics.build_tables`).
 """
 from __future__ import annotations
@@ -211,15 +213,30 @@ class SO3Conv(_SO3Filter):
     """SO(3) -> SO(3) group correlation ``out(R) = sum_j w_j F(R Q_j) + bias``.
 
     Input ``[B, 2 L_in - 1, 2 L_in, 2 L_in - 1, C_in]``; output
-    ``[B, 2 L_out - 1, 2 L_out, 2 L_out - 1, features]``. Parameters:
-    ``kernel [n_beta, n_alpha, n_gamma, C_in, features]`` and ``bias [features]``.
+    ``[B, 2 L_out - 1, 2 L_out, 2 L_out - 1, features]``. With ``layout="gamma_first"`` (``"dft"``
+    transforms only) input and output are ``[2L - 1, B, C, 2L, 2L - 1]`` instead (see
+    :func:`sphere_jax.harmonics.so3_layout`): the same numbers with fewer layout copies.
+    Parameters: ``kernel [n_beta, n_alpha, n_gamma, C_in, features]`` and ``bias [features]``.
     """
 
+    layout: str = "channels_last"
+
     def table_specs(self) -> dict:
+        if self.layout == "gamma_first":
+            Lc = min(self.L_in, self.L_out)
+            return {
+                **hm.so3_gf_spec(self.L_in, True, Lc),
+                **hm.so3_gf_spec(self.L_out, False, Lc),
+                **hm.kernel_d_spec(Lc, self._grid()[0]),
+            }
         return self._specs("so3")
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
+        if self.layout not in hm.SO3_LAYOUTS:
+            raise ValueError(f"SO3Conv layout must be one of {hm.SO3_LAYOUTS}, got {self.layout!r}")
+        if self.layout == "gamma_first":
+            return self._call_gamma_first(x, tables)
         F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: np.arange(Lc))  # G: k >= 0
         blocks = []
         for l0, l1 in _buckets(Lc):
@@ -234,6 +251,37 @@ class SO3Conv(_SO3Filter):
         H = _pad_centre(H, 3, 2 * self.L_out - 1)
         out = hm.so3_inverse_half(H, hm.lookup(tables, hm.so3_key(self.L_out, False)))
         return out + b
+
+    def _call_gamma_first(self, x, tables):
+        """The same layer on gamma-first signals ``[2L-1, B, C, 2L, 2L-1]``: band-limited
+        transforms (only the degrees ``< min(L_in, L_out)`` that the layer keeps) and the block
+        products on real (re, im)-stacked operands."""
+        _check_bandlimits("SO3Conv", self.L_in, self.L_out)
+        if hm.transforms() != "dft":
+            raise ValueError(f"SO3Conv(layout='gamma_first') needs the 'dft' transforms, not {hm.transforms()!r}")
+        L = self.L_in
+        if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
+            raise ValueError(
+                f"SO3Conv (gamma first) expects [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}] (L_in={L}), got {x.shape}"
+            )
+        Lc = min(self.L_in, self.L_out)
+        F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
+        F = hm.so3_half_to_full_gf(F)  # [n, m, re/im, B, C, l], |n|, |m| < Lc
+        w, b = self._params(x.shape[2])
+        betas, alphas, pre_gammas = self._grid()
+        dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))
+        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, np.arange(Lc))  # k >= 0
+        blocks = []
+        for l0, l1 in _buckets(Lc):
+            s = slice(Lc - l1, Lc + l1 - 1)  # |n|, |m| < l1
+            psi = jnp.einsum("lknb,knbcd->lkncd", dk[l0:l1, Lc - 1 : Lc - 1 + l1, s], G[:l1, s])
+            pr, pi = jnp.real(psi), jnp.imag(psi)
+            psi2 = jnp.stack([jnp.stack([pr, pi]), jnp.stack([-pi, pr])])  # [re/im of F, re/im of H, l, k, n, c, d]
+            Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", F[s, s, :, :, :, l0:l1], psi2)
+            blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
+        H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
+        out = hm.so3_inverse_gf(H, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
+        return out + b[:, None, None]
 
 
 class SO3ToS2(_SO3Filter):
@@ -275,8 +323,11 @@ def rms_normalize(x: jax.Array, target: float = 1.0, eps: float = 1e-6) -> jax.A
     return x * (target * jax.lax.rsqrt(ms + eps * eps))[:, None, None, None]
 
 
-def so3_integrate(x: jax.Array) -> jax.Array:
-    """Haar mean over SO(3): ``[B, 2N-1, 2L, 2L-1, C]`` -> ``[B, C]`` (rotation invariant)."""
+def so3_integrate(x: jax.Array, layout: str = "channels_last") -> jax.Array:
+    """Haar mean over SO(3): ``[B, 2N-1, 2L, 2L-1, C]`` (or, ``layout="gamma_first"``,
+    ``[2N-1, B, C, 2L, 2L-1]``) -> ``[B, C]`` (rotation invariant)."""
+    if layout == "gamma_first":
+        x = jnp.transpose(x, (1, 0, 3, 4, 2))  # the reduction reads it once either way
     L = x.shape[2] // 2
     w = grids.dh_quadrature_weights(L).astype(np.float32)
     w = w / (w.sum() * x.shape[3] * x.shape[1])

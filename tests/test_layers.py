@@ -132,8 +132,8 @@ def s2_signal():
 
 def _apply(layer, x, key=0):
     tables = hm.build_tables(layer.table_specs())
-    v = layer.init(jax.random.key(key), x, tables)
-    return v, np.asarray(layer.apply(v, x, tables)), tables
+    v = jax.jit(layer.init)(jax.random.key(key), x, tables)
+    return v, np.asarray(jax.jit(layer.apply)(v, x, tables)), tables
 
 
 def test_s2conv_equals_quadrature(s2_signal):
@@ -165,13 +165,17 @@ def test_so3conv_equals_quadrature(s2_signal, L_out):
     flm, _ = s2_signal
     F = _so3_input(flm, L)
     x = jnp.asarray(F(O.grid_rotations(L))[None, ..., None], jnp.float32)
-    layer = layers.SO3Conv(features=1, L_in=L, L_out=L_out, max_beta=0.5)
-    v, out, _ = _apply(layer, x, 1)
-    w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     Q = O.so3_filter_rotations(*grids.so3_near_identity_grid(0.5))
-    RQ = np.einsum("...ij,bagjk->...bagik", O.grid_rotations(L_out), Q)
-    ref = np.einsum("...bag,bag->...", F(RQ), w)
-    assert rel(out[0, ..., 0], ref) < 1e-4
+    FRQ = F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(L_out), Q))
+    for layout in hm.SO3_LAYOUTS:  # the same parameters (same key) in both layouts
+        layer = layers.SO3Conv(features=1, L_in=L, L_out=L_out, max_beta=0.5, layout=layout)
+        if layout == "gamma_first":
+            v, out, _ = _apply(layer, hm.to_gamma_first(x), 1)
+            out = np.asarray(hm.from_gamma_first(out))
+        else:
+            v, out, _ = _apply(layer, x, 1)
+        w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
+        assert rel(out[0, ..., 0], np.einsum("...bag,bag->...", FRQ, w)) < 1e-4, layout
 
 
 def test_so3conv_downsampling_exact_for_bandlimited_input():
@@ -181,12 +185,17 @@ def test_so3conv_downsampling_exact_for_bandlimited_input():
     flm_pad[:Lo, L - Lo : L + Lo - 1] = flm
     F = _so3_input(flm_pad, L)
     x = jnp.asarray(F(O.grid_rotations(L))[None, ..., None], jnp.float32)
-    layer = layers.SO3Conv(features=1, L_in=L, L_out=Lo, max_beta=0.5)
-    v, out, _ = _apply(layer, x, 2)
-    w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     Q = O.so3_filter_rotations(*grids.so3_near_identity_grid(0.5))
-    ref = np.einsum("...bag,bag->...", F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(Lo), Q)), w)
-    assert rel(out[0, ..., 0], ref) < 1e-4
+    FRQ = F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(Lo), Q))
+    for layout in hm.SO3_LAYOUTS:
+        layer = layers.SO3Conv(features=1, L_in=L, L_out=Lo, max_beta=0.5, layout=layout)
+        if layout == "gamma_first":
+            v, out, _ = _apply(layer, hm.to_gamma_first(x), 2)
+            out = np.asarray(hm.from_gamma_first(out))
+        else:
+            v, out, _ = _apply(layer, x, 2)
+        w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
+        assert rel(out[0, ..., 0], np.einsum("...bag,bag->...", FRQ, w)) < 1e-4, layout
 
 
 def _wigner_D(l, R_euler):
@@ -285,3 +294,91 @@ def test_models_give_the_same_logits_with_s2fft_transforms(monkeypatch):
         logits[method] = m.apply(v, x, tables)
     assert rel(logits["s2fft"], logits["dft"]) < 1e-5
     assert rel(logits["fft"], logits["dft"]) < 1e-5
+
+
+@pytest.mark.parametrize("Lb", [7, 4])
+def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
+    Ls, B, C = 7, 2, 3
+    x = jax.random.normal(jax.random.key(0), (B, 2 * Ls - 1, 2 * Ls, 2 * Ls - 1, C))
+    ref = hm.so3_forward_half(x, jnp.asarray(hm.so3_table(Ls, Ls, True)), L_band=Lb)  # [B, n, l, m, C]
+    g = hm.so3_forward_gf(hm.to_gamma_first(x), jnp.asarray(hm.so3_table_gf(Ls, True, Lb)))
+    assert g.shape == (Lb, 2 * Lb - 1, 2, B, C, Lb)
+    as_ref = lambda c: jnp.transpose(c[:, :, 0] + 1j * c[:, :, 1], (2, 0, 4, 1, 3))
+    assert rel(as_ref(g), ref) < 1e-6
+    assert rel(as_ref(hm.so3_half_to_full_gf(g)), hm.so3_half_to_full(ref)) < 1e-6
+    back = hm.so3_inverse_gf(g, jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
+    assert back.shape == (2 * Ls - 1, B, C, 2 * Ls, 2 * Ls - 1)
+    assert rel(hm.from_gamma_first(back), hm.so3_inverse_half(ref, jnp.asarray(hm.so3_table(Ls, Ls, False)))) < 1e-6
+    for fwd in (True, False):
+        key = hm.so3_gf_key(Ls, fwd, Lb)
+        assert hm.table_shape(key) == hm.so3_table_gf(Ls, fwd, Lb).shape
+    with pytest.raises(ValueError, match="gamma-first SO\\(3\\) signal"):
+        hm.so3_forward_gf(x, jnp.asarray(hm.so3_table_gf(Ls, True, Lb)))
+    with pytest.raises(ValueError, match="gamma-first SO\\(3\\) coefficients"):
+        hm.so3_inverse_gf(g[:, :, :1], jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
+
+
+@pytest.mark.parametrize("L_in,L_out", [(7, 5), (5, 7), (6, 6)])
+def test_so3conv_gamma_first_equals_channels_last(L_in, L_out):
+    B, C, D = 2, 3, 4
+    a = layers.SO3Conv(D, L_in, L_out, 0.4)
+    g = layers.SO3Conv(D, L_in, L_out, 0.4, layout="gamma_first")
+    x = jax.random.normal(jax.random.key(1), (B, 2 * L_in - 1, 2 * L_in, 2 * L_in - 1, C))
+    v, ya, _ = _apply(a, x)
+    v = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), v)  # bias too
+    ta, tg = hm.build_tables(a.table_specs()), hm.build_tables(g.table_specs())
+    ya = a.apply(v, x, ta)
+    yg = g.apply(v, hm.to_gamma_first(x), tg)
+    assert yg.shape == (2 * L_out - 1, B, D, 2 * L_out, 2 * L_out - 1)
+    assert rel(hm.from_gamma_first(yg), ya) < 1e-5
+    with pytest.raises(ValueError, match="gamma first"):
+        g.apply(v, x, tg)
+
+
+def test_so3_layout_setting(monkeypatch):
+    monkeypatch.delenv("SPHERE_JAX_SO3_LAYOUT", raising=False)
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
+    assert hm.so3_layout() == "gamma_first"
+    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "channels_last")
+    assert hm.so3_layout() == "channels_last"
+    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "fft")
+    assert hm.so3_layout() == "channels_last"  # the gamma-first path exists for "dft" only
+    layer = layers.SO3Conv(2, 5, 5, 0.4, layout="gamma_first")
+    with pytest.raises(ValueError, match="needs the 'dft' transforms"):
+        layer.init(jax.random.key(0), jnp.zeros((9, 1, 1, 10, 9)), {})
+    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "nchw")
+    with pytest.raises(ValueError, match="SPHERE_JAX_SO3_LAYOUT"):
+        hm.so3_layout()
+
+
+def test_models_are_the_same_function_in_both_layouts(monkeypatch):
+    """Logits and parameter gradients of a segmenter and a classifier do not depend on the SO(3)
+    layout the model carries between its SO(3) convolutions."""
+    from sphere_jax.models import s2cnn
+
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
+    L = 6
+    seg = s2cnn.S2CNNSegmenter(s2cnn.S2CNNSegmenterConfig(
+        L_in=L, s2_features=3, s2_bandlimit=5, so3_features=(4, 3), so3_bandlimits=(4, 5), L_out=L))
+    cls = s2cnn.S2CNNClassifier(s2cnn.S2CNNClassifierConfig(
+        L_in=L, features=(3, 4, 5), bandlimits=(5, 4, 3), mlp=(), batchnorm=False))
+    x = jax.random.uniform(jax.random.key(0), (2, 2 * L, 2 * L - 1, 1))
+    for m in (seg, cls):  # gradients of the segmenter only (the classifier adds no SO(3) code)
+        out, grads, v = {}, {}, None
+        for layout in hm.SO3_LAYOUTS:
+            monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", layout)
+            tables = hm.build_tables(m.table_specs())
+            assert any(k.startswith("so3gf_") for k in tables) == (layout == "gamma_first")
+            if v is None:  # one set of parameters (perturbed: the classifier's output layer starts at 0)
+                v = jax.jit(m.init)(jax.random.key(1), x, tables)
+                v = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), v)
+            out[layout] = jax.jit(m.apply)(v, x, tables)
+            if m is seg:
+                grads[layout] = jax.jit(jax.grad(lambda p, t: jnp.sum(m.apply({"params": p}, x, t) ** 2)))(v["params"], tables)
+        assert rel(out["gamma_first"], out["channels_last"]) < 1e-5
+        if m is cls:
+            continue
+        flat = {k: jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for k, t in grads.items()}
+        assert float(jnp.max(jnp.abs(flat["channels_last"]))) > 0
+        assert rel(flat["gamma_first"], flat["channels_last"]) < 1e-4

@@ -129,27 +129,29 @@ class S2CNNClassifierConfig:
         return tuple(np.pi / 16 for _ in self.features)
 
 
-def _seg_layers(cfg: S2CNNSegmenterConfig, **kw):
+def _seg_layers(cfg: S2CNNSegmenterConfig, layout: str | None = None, **kw):
     r = cfg.radii()
+    layout = layout or hm.so3_layout()
     out = [layers.S2Conv(cfg.s2_features, cfg.L_in, cfg.s2_bandlimit, r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
     L_prev = cfg.s2_bandlimit
     for i, (c, L) in enumerate(zip(cfg.so3_features, cfg.so3_bandlimits)):
         out.append(layers.SO3Conv(c, L_prev, L, r[i + 1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma, cfg.max_gamma,
-                                  name=f"so3_conv_{i}", **kw))
+                                  layout=layout, name=f"so3_conv_{i}", **kw))
         L_prev = L
     out.append(layers.SO3ToS2(cfg.num_classes, L_prev, cfg.L_out, r[-1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma,
                               cfg.max_gamma, name="so3_to_s2", **kw))
     return out
 
 
-def _cls_layers(cfg: S2CNNClassifierConfig, **kw):
+def _cls_layers(cfg: S2CNNClassifierConfig, layout: str | None = None, **kw):
     r = cfg.radii()
+    layout = layout or hm.so3_layout()
     out = [layers.S2Conv(cfg.features[0], cfg.L_in, cfg.bandlimits[0], r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
     for i in range(1, len(cfg.features)):
         out.append(
             layers.SO3Conv(
                 cfg.features[i], cfg.bandlimits[i - 1], cfg.bandlimits[i], r[i],
-                cfg.n_alpha, cfg.n_beta, cfg.n_gamma, cfg.max_gamma, name=f"so3_conv_{i - 1}", **kw,
+                cfg.n_alpha, cfg.n_beta, cfg.n_gamma, cfg.max_gamma, layout=layout, name=f"so3_conv_{i - 1}", **kw,
             )
         )
     return out
@@ -167,6 +169,25 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, S2CNNClassifier):
         return _cls_layers(cfg, parent=None)
     raise TypeError(f"layer_modules takes an S2CNN segmenter or classifier, got {type(model).__name__}")
+
+
+def _layout_of(m) -> str:
+    """Layout of the SO(3) signal a layer takes (S2Conv: an S2 signal, no SO(3) layout)."""
+    return getattr(m, "layout", "channels_last")
+
+
+def _apply_layers(mods, x, tables, relu_last: bool):
+    """Apply layers in order with ReLUs between (and after the last if ``relu_last``), moving the
+    SO(3) signal between layouts where consecutive layers differ. Returns ``(x, layout of x)``."""
+    cur = "channels_last"
+    for i, m in enumerate(mods):
+        if i > 0 and _layout_of(m) != cur:
+            x = hm.to_gamma_first(x) if _layout_of(m) == "gamma_first" else hm.from_gamma_first(x)
+            cur = _layout_of(m)
+        x = m(x, tables)
+        if i < len(mods) - 1 or relu_last:
+            x = nn.relu(x)
+    return x, cur
 
 
 def _merge_specs(mods):
@@ -196,11 +217,7 @@ class S2CNNSegmenter(nn.Module):
         cfg = self.config
         _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNSegmenter")
         x = _normalize_input(x, cfg.input_norm, cfg.input_rms)
-        mods = _seg_layers(cfg)
-        for i, m in enumerate(mods):
-            x = m(x, tables)
-            if i < len(mods) - 1:
-                x = nn.relu(x)
+        x, _ = _apply_layers(_seg_layers(cfg), x, tables, relu_last=False)
         return x
 
 
@@ -225,9 +242,8 @@ class S2CNNClassifier(nn.Module):
         cfg = self.config
         _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNClassifier")
         x = _normalize_input(x, cfg.input_norm, cfg.input_rms)
-        for m in _cls_layers(cfg):
-            x = nn.relu(m(x, tables))
-        x = layers.so3_integrate(x)
+        x, layout = _apply_layers(_cls_layers(cfg), x, tables, relu_last=True)
+        x = layers.so3_integrate(x, layout)
         bn = lambda h, i: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}")(h)
         for i, width in enumerate(cfg.mlp):
             if cfg.batchnorm:
