@@ -500,7 +500,7 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     L = T // 2
     if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
         raise ValueError(f"gamma-first SO(3) signal must be [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}], got {x.shape}")
-    K, B, C = x.shape[:3]
+    B, C = x.shape[1:3]
     am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
     ms = slice(L - Lb, L + Lb - 1)
     mg = jnp.asarray(np.concatenate([gn_c[:Nb], -gn_s[:Nb]]))  # [2Nb, K]: e^{-i n gamma}, re rows then im

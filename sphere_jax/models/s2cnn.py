@@ -161,8 +161,9 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
     """The equivariant layers of an S2CNN in call order (unbound, ``parent=None``): ``S2Conv``,
     ``SO3Conv``..., and for segmenters ``SO3ToS2``. Each is applied as
     ``layer.apply({"params": params[layer.name]}, x, tables)``: the first takes the input
-    ``[B, 2L_in, 2L_in-1, C]``, the others ``[B, 2L-1, 2L, 2L-1, C]`` of the previous layer
-    (a ReLU in between). For per-layer accounting (``sphere_jax.benchmark.layer_case``)."""
+    ``[B, 2L_in, 2L_in-1, C]``, the others the previous layer's output (a ReLU in between) as
+    ``[B, 2L-1, 2L, 2L-1, C]``, or ``[2L-1, B, C, 2L, 2L-1]`` for an ``SO3Conv`` whose ``layout``
+    is ``"gamma_first"``. For per-layer accounting (``sphere_jax.benchmark.layer_case``)."""
     cfg = model.config
     if isinstance(model, S2CNNSegmenter):
         return _seg_layers(cfg, parent=None)
