@@ -198,14 +198,17 @@ class _SO3Filter(nn.Module):
             **hm.kernel_d_spec(min(self.L_in, self.L_out), self._grid()[0]),
         }
 
-    def _prepare(self, x, tables, k_range):
-        """Input coefficients ``F [B, n, l, m, C_in]`` (truncated to ``Lc``), bias, the rings'
-        d-matrices ``[l, k, n, b]`` and the kernel's ``G [k, n, b, C_in, C_out]``."""
-        F, Lc = self._input_coeffs(x, tables)
-        w, b = self._params(x.shape[-1])
+    def _kernel(self, c_in, Lc, tables, k_range):
+        """Bias, the rings' d-matrices ``[l, k, n, b]`` and the kernel's ``G [k, n, b, C_in, C_out]``."""
+        w, b = self._params(c_in)
         betas, alphas, pre_gammas = self._grid()
         dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))
-        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, k_range(Lc))
+        return b, dk, _so3_kernel_G(w, Lc, alphas, pre_gammas, k_range)
+
+    def _prepare(self, x, tables, k_range):
+        """Input coefficients ``F [B, n, l, m, C_in]`` (truncated to ``Lc``) and :meth:`_kernel`."""
+        F, Lc = self._input_coeffs(x, tables)
+        b, dk, G = self._kernel(x.shape[-1], Lc, tables, k_range(Lc))
         return F, Lc, b, dk, G
 
 
@@ -267,10 +270,7 @@ class SO3Conv(_SO3Filter):
         Lc = min(self.L_in, self.L_out)
         F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
         F = hm.so3_half_to_full_gf(F)  # [n, m, re/im, B, C, l], |n|, |m| < Lc
-        w, b = self._params(x.shape[2])
-        betas, alphas, pre_gammas = self._grid()
-        dk = hm.lookup(tables, hm.kernel_d_key(Lc, betas))
-        G = _so3_kernel_G(w, Lc, alphas, pre_gammas, np.arange(Lc))  # k >= 0
+        b, dk, G = self._kernel(x.shape[2], Lc, tables, np.arange(Lc))  # G: k >= 0
         blocks = []
         for l0, l1 in _buckets(Lc):
             s = slice(Lc - l1, Lc + l1 - 1)  # |n|, |m| < l1
@@ -326,9 +326,8 @@ def rms_normalize(x: jax.Array, target: float = 1.0, eps: float = 1e-6) -> jax.A
 def so3_integrate(x: jax.Array, layout: str = "channels_last") -> jax.Array:
     """Haar mean over SO(3): ``[B, 2N-1, 2L, 2L-1, C]`` (or, ``layout="gamma_first"``,
     ``[2N-1, B, C, 2L, 2L-1]``) -> ``[B, C]`` (rotation invariant)."""
-    if layout == "gamma_first":
-        x = jnp.transpose(x, (1, 0, 3, 4, 2))  # the reduction reads it once either way
-    L = x.shape[2] // 2
-    w = grids.dh_quadrature_weights(L).astype(np.float32)
-    w = w / (w.sum() * x.shape[3] * x.shape[1])
-    return jnp.einsum("bktpc,t->bc", x, w)
+    gf = layout == "gamma_first"
+    K, T, P = (x.shape[0], x.shape[3], x.shape[4]) if gf else x.shape[1:4]
+    w = grids.dh_quadrature_weights(T // 2).astype(np.float32)
+    w = w / (w.sum() * P * K)
+    return jnp.einsum("kbctp,t->bc" if gf else "bktpc,t->bc", x, w)

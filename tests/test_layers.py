@@ -149,6 +149,15 @@ def test_s2conv_equals_quadrature(s2_signal):
     assert rel(out[0], ref) < 1e-4
 
 
+def _apply_in_layout(layer, x, key):
+    """``_apply`` with a channels-last SO(3) input, whatever the layer's layout; output channels-last."""
+    if layer.layout == "gamma_first":
+        v, out, _ = _apply(layer, hm.to_gamma_first(x), key)
+        return v, np.asarray(hm.from_gamma_first(out))
+    v, out, _ = _apply(layer, x, key)
+    return v, out
+
+
 def _so3_input(flm, Lb):
     """F(R) = sum_i a_i f(R y_i): an exactly band-limited SO(3) signal with a closed form."""
     a = np.random.default_rng(1).normal(size=(3, 8))
@@ -169,11 +178,7 @@ def test_so3conv_equals_quadrature(s2_signal, L_out):
     FRQ = F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(L_out), Q))
     for layout in hm.SO3_LAYOUTS:  # the same parameters (same key) in both layouts
         layer = layers.SO3Conv(features=1, L_in=L, L_out=L_out, max_beta=0.5, layout=layout)
-        if layout == "gamma_first":
-            v, out, _ = _apply(layer, hm.to_gamma_first(x), 1)
-            out = np.asarray(hm.from_gamma_first(out))
-        else:
-            v, out, _ = _apply(layer, x, 1)
+        v, out = _apply_in_layout(layer, x, 1)
         w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
         assert rel(out[0, ..., 0], np.einsum("...bag,bag->...", FRQ, w)) < 1e-4, layout
 
@@ -189,11 +194,7 @@ def test_so3conv_downsampling_exact_for_bandlimited_input():
     FRQ = F(np.einsum("...ij,bagjk->...bagik", O.grid_rotations(Lo), Q))
     for layout in hm.SO3_LAYOUTS:
         layer = layers.SO3Conv(features=1, L_in=L, L_out=Lo, max_beta=0.5, layout=layout)
-        if layout == "gamma_first":
-            v, out, _ = _apply(layer, hm.to_gamma_first(x), 2)
-            out = np.asarray(hm.from_gamma_first(out))
-        else:
-            v, out, _ = _apply(layer, x, 2)
+        v, out = _apply_in_layout(layer, x, 2)
         w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
         assert rel(out[0, ..., 0], np.einsum("...bag,bag->...", FRQ, w)) < 1e-4, layout
 
