@@ -97,7 +97,7 @@ def layer_case(case: dict) -> dict:
     ``case``: ``layers`` (an S2CNN model name), ``L`` (input band-limit), ``batch``, ``repeats``
     (0: cost analysis only, no timing). Returns ``{"model", "L", "batch", "device", "so3_layout",
     "layers": [row, ...]}``, one row per layer: ``layer, kind, L_in, L_out, c_in, c_out, layout``
-    (of its SO(3) input), ``gflop, gb, copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of
+    (of its SO(3) signals), ``gflop, gb, copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of
     ``repeats``, when timed) and ``compile_s``. The rows' sums leave out only the loss, the input
     scaling, the optimizer and the model's changes of layout.
     """

@@ -17,7 +17,7 @@ Conventions (s2fft's):
   ``D^l_mn(alpha, beta, gamma) = exp(-i m alpha) d^l_mn(beta) exp(-i n gamma)``.
 * Gamma-first SO(3) signals ``[2N-1, B, C, 2L, 2L-1]`` (``[gamma, batch, channel, beta, alpha]``)
   and their coefficients ``[N, 2L-1, 2, B, C, L]`` (``[n >= 0, L-1+m, re/im, batch, channel, l]``)
-  are what S2CNN models carry between SO(3) convolutions with the ``"dft"`` transforms
+  are what S2CNN models carry between their layers with the ``"dft"`` transforms
   (:func:`so3_layout`, :func:`so3_forward_gf`, :func:`so3_inverse_gf`): fewer layout copies.
 * Real signals have ``flm[l, -m] = (-1)^m conj(flm[l, m])`` and
   ``flmn[-n, l, -m] = (-1)^(m+n) conj(flmn[n, l, m])``; the "half" forms keep ``n >= 0`` only,
@@ -441,7 +441,7 @@ SO3_LAYOUTS = ("channels_last", "gamma_first")
 
 
 def so3_layout() -> str:
-    """How S2CNN models carry SO(3) signals between their SO(3) convolutions:
+    """How S2CNN models carry SO(3) signals between their layers (S2Conv to SO3ToS2 or the Haar mean):
 
     * ``"channels_last"``: ``[B, 2N-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``),
       the layers' public layout;

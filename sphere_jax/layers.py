@@ -26,9 +26,10 @@ compensate the normalisation of its own FFTs, which ours do not have; with them 
 8-layer network's output would shrink ~1000x at init.
 
 Shapes (channels last): S2 signals ``[B, 2L, 2L-1, C]``, SO(3) signals
-``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L); ``SO3Conv`` also
-takes and returns ``[2L-1, B, C, 2L, 2L-1]`` with ``layout="gamma_first"`` (fewer layout copies;
-the S2CNN models use it between SO(3) convolutions, see :func:`sphere_jax.harmonics.so3_layout`). Every
+``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L). With
+``layout="gamma_first"`` the layers' SO(3) signals (S2Conv's output, SO3Conv's input and output,
+SO3ToS2's input) are ``[2L-1, B, C, 2L, 2L-1]`` instead: fewer layout copies; the S2CNN models
+use it with the ``"dft"`` transforms, see :func:`sphere_jax.harmonics.so3_layout`. Every
 ``__call__`` takes the model's ``tables`` (see :func:`sphere_jax.harmonics.build_tables`).
 """
 from __future__ import annotations
@@ -78,6 +79,20 @@ def _buckets(Lc: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _check_layout(name, layout):
+    if layout not in hm.SO3_LAYOUTS:
+        raise ValueError(f"{name} layout must be one of {hm.SO3_LAYOUTS}, got {layout!r}")
+    if layout == "gamma_first" and hm.transforms() != "dft":
+        raise ValueError(f"{name}(layout='gamma_first') needs the 'dft' transforms, not {hm.transforms()!r}")
+
+
+def _complex_as_real(a: jax.Array) -> jax.Array:
+    """A complex factor ``a`` as the real ``[2, 2, ...]`` block that multiplies (re, im)-stacked
+    operands: ``out[s] = sum_r x[r] A[r, s]`` gives the (re, im) of ``x a``."""
+    ar, ai = jnp.real(a), jnp.imag(a)
+    return jnp.stack([jnp.stack([ar, ai]), jnp.stack([-ai, ar])])
+
+
 def _check_bandlimits(name, L_in, L_out):
     for v in (L_in, L_out):
         if int(v) != v or v < 2:
@@ -93,7 +108,9 @@ class S2Conv(nn.Module):
       max_beta: radius of the filter (radians).
       n_alpha, n_beta: azimuths per ring and number of rings (grid of ``n_beta * n_alpha``).
 
-    Input ``[B, 2 L_in, 2 L_in - 1, C_in]``; output ``[B, 2 L_out - 1, 2 L_out, 2 L_out - 1, features]``.
+    Input ``[B, 2 L_in, 2 L_in - 1, C_in]``; output ``[B, 2 L_out - 1, 2 L_out, 2 L_out - 1, features]``,
+    or with ``layout="gamma_first"`` (``"dft"`` transforms only) ``[2 L_out - 1, B, features,
+    2 L_out, 2 L_out - 1]`` (see :func:`sphere_jax.harmonics.so3_layout`).
     Parameters: ``kernel [n_beta, n_alpha, C_in, features]`` and ``bias [features]``.
     """
 
@@ -103,16 +120,22 @@ class S2Conv(nn.Module):
     max_beta: float
     n_alpha: int = 8
     n_beta: int = 3
+    layout: str = "channels_last"
 
     def _grid(self):
         return grids.s2_near_identity_grid(self.max_beta, self.n_alpha, self.n_beta)
 
     def table_specs(self) -> dict:
-        return {**hm.table_specs("s2", self.L_in, True), **hm.table_specs("so3", self.L_out, False)}
+        if self.layout == "gamma_first":
+            out = hm.so3_gf_spec(self.L_out, False, min(self.L_in, self.L_out))
+        else:
+            out = hm.table_specs("so3", self.L_out, False)
+        return {**hm.table_specs("s2", self.L_in, True), **out}
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
         _check_bandlimits("S2Conv", self.L_in, self.L_out)
+        _check_layout("S2Conv", self.layout)
         if x.ndim != 4 or x.shape[1:3] != (2 * self.L_in, 2 * self.L_in - 1):
             raise ValueError(
                 f"S2Conv expects [batch, {2 * self.L_in}, {2 * self.L_in - 1}, channels] (L_in={self.L_in}), got {x.shape}"
@@ -132,7 +155,14 @@ class S2Conv(nn.Module):
         wn = jnp.einsum("na,bacd->nbcd", phase, w.astype(jnp.complex64))
         psi = jnp.einsum("lnb,nbcd->lncd", Y, wn)
         norm = (8 * np.pi**2 / (2 * np.arange(Lc) + 1)).astype(np.float32)
-        g = jnp.einsum("blmc,lncd->bnlmd", flm, jnp.conj(psi) * norm[:, None, None, None])
+        psi = jnp.conj(psi) * norm[:, None, None, None]
+        if self.layout == "gamma_first":
+            # real (re, im)-stacked product straight into the gamma-first coefficient order
+            f2 = jnp.stack([jnp.real(flm), jnp.imag(flm)])  # [re/im, B, l, m, C]
+            g = jnp.einsum("rblmc,rslncd->nmsbdl", f2, _complex_as_real(psi))  # [n, m, re/im, B, D, l]
+            out = hm.so3_inverse_gf(g, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
+            return out + b[:, None, None]
+        g = jnp.einsum("blmc,lncd->bnlmd", flm, psi)
         g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
         g = _pad_centre(g, 3, 2 * self.L_out - 1)
         out = hm.so3_inverse_half(g, hm.lookup(tables, hm.so3_key(self.L_out, False)))
@@ -190,6 +220,20 @@ class _SO3Filter(nn.Module):
         F = F[:, L - Lc : L + Lc - 1, :Lc, L - Lc : L + Lc - 1]
         return F, Lc
 
+    def _input_coeffs_gf(self, x, tables):
+        """Gamma-first input ``[2L-1, B, C, 2L, 2L-1]`` -> full coefficients ``[2Lc-1 (n), 2Lc-1 (m),
+        2 (re/im), B, C, Lc (l)]`` truncated to ``Lc = min(L_in, L_out)`` (computed band-limited)."""
+        name = type(self).__name__
+        _check_bandlimits(name, self.L_in, self.L_out)
+        L = self.L_in
+        if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
+            raise ValueError(
+                f"{name} (gamma first) expects [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}] (L_in={L}), got {x.shape}"
+            )
+        Lc = min(self.L_in, self.L_out)
+        F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
+        return hm.so3_half_to_full_gf(F), Lc
+
     def _specs(self, out_kind: str) -> dict:
         """Tables: SO(3) forward at ``L_in``, the output transform, the rings' d-matrices."""
         return {
@@ -236,8 +280,7 @@ class SO3Conv(_SO3Filter):
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
-        if self.layout not in hm.SO3_LAYOUTS:
-            raise ValueError(f"SO3Conv layout must be one of {hm.SO3_LAYOUTS}, got {self.layout!r}")
+        _check_layout("SO3Conv", self.layout)
         if self.layout == "gamma_first":
             return self._call_gamma_first(x, tables)
         F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: np.arange(Lc))  # G: k >= 0
@@ -259,24 +302,13 @@ class SO3Conv(_SO3Filter):
         """The same layer on gamma-first signals ``[2L-1, B, C, 2L, 2L-1]``: band-limited
         transforms (only the degrees ``< min(L_in, L_out)`` that the layer keeps) and the block
         products on real (re, im)-stacked operands."""
-        _check_bandlimits("SO3Conv", self.L_in, self.L_out)
-        if hm.transforms() != "dft":
-            raise ValueError(f"SO3Conv(layout='gamma_first') needs the 'dft' transforms, not {hm.transforms()!r}")
-        L = self.L_in
-        if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
-            raise ValueError(
-                f"SO3Conv (gamma first) expects [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}] (L_in={L}), got {x.shape}"
-            )
-        Lc = min(self.L_in, self.L_out)
-        F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
-        F = hm.so3_half_to_full_gf(F)  # [n, m, re/im, B, C, l], |n|, |m| < Lc
+        F, Lc = self._input_coeffs_gf(x, tables)  # [n, m, re/im, B, C, l], |n|, |m| < Lc
         b, dk, G = self._kernel(x.shape[2], Lc, tables, np.arange(Lc))  # G: k >= 0
         blocks = []
         for l0, l1 in _buckets(Lc):
             s = slice(Lc - l1, Lc + l1 - 1)  # |n|, |m| < l1
             psi = jnp.einsum("lknb,knbcd->lkncd", dk[l0:l1, Lc - 1 : Lc - 1 + l1, s], G[:l1, s])
-            pr, pi = jnp.real(psi), jnp.imag(psi)
-            psi2 = jnp.stack([jnp.stack([pr, pi]), jnp.stack([-pi, pr])])  # [re/im of F, re/im of H, l, k, n, c, d]
+            psi2 = _complex_as_real(psi)  # [re/im of F, re/im of H, l, k, n, c, d]
             Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", F[s, s, :, :, :, l0:l1], psi2)
             blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
         H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
@@ -287,23 +319,45 @@ class SO3Conv(_SO3Filter):
 class SO3ToS2(_SO3Filter):
     """SO(3) -> S2 layer of the study (block products, sum over the kernel index, inverse S2).
 
-    Input ``[B, 2 L_in - 1, 2 L_in, 2 L_in - 1, C_in]``; output ``[B, 2 L_out, 2 L_out - 1, features]``.
-    Parameters as :class:`SO3Conv`.
+    Input ``[B, 2 L_in - 1, 2 L_in, 2 L_in - 1, C_in]``, or with ``layout="gamma_first"``
+    (``"dft"`` transforms only) ``[2 L_in - 1, B, C_in, 2 L_in, 2 L_in - 1]``; output
+    ``[B, 2 L_out, 2 L_out - 1, features]``. Parameters as :class:`SO3Conv`.
     """
 
+    layout: str = "channels_last"
+
     def table_specs(self) -> dict:
+        if self.layout == "gamma_first":
+            Lc = min(self.L_in, self.L_out)
+            return {
+                **hm.so3_gf_spec(self.L_in, True, Lc),
+                **hm.table_specs("s2", self.L_out, False),
+                **hm.kernel_d_spec(Lc, self._grid()[0]),
+            }
         return self._specs("s2")
 
     @nn.compact
     def __call__(self, x: jax.Array, tables: Mapping[str, jax.Array]) -> jax.Array:
-        F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: np.arange(-Lc + 1, Lc))  # G: all k
+        _check_layout("SO3ToS2", self.layout)
+        gf = self.layout == "gamma_first"
+        k_all = np.arange(-min(self.L_in, self.L_out) + 1, min(self.L_in, self.L_out))  # G: all k
+        if gf:
+            F, Lc = self._input_coeffs_gf(x, tables)  # [n, m, re/im, B, C, l]
+            b, dk, G = self._kernel(x.shape[2], Lc, tables, k_all)
+        else:
+            F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: k_all)
         kappa = jnp.einsum("lknb,knbcd->lncd", dk, G)  # sum_k Psi_lkn
         # real part of the output <=> kappa_ln -> (kappa_ln + (-1)^n conj(kappa_l,-n)) / 2
         sign = ((-1.0) ** np.abs(np.arange(-Lc + 1, Lc))).astype(np.float32)
         kappa = 0.5 * (kappa + sign[None, :, None, None] * jnp.conj(jnp.flip(kappa, axis=1)))
         l = np.arange(Lc)
         norm = (np.sqrt(4 * np.pi / (2 * l + 1)) * (2 * l + 1) / (8 * np.pi**2)).astype(np.float32)
-        h = jnp.einsum("bnlmc,lncd->blmd", F[:, :, :, Lc - 1 :], kappa * norm[:, None, None, None])
+        kappa = kappa * norm[:, None, None, None]
+        if gf:  # (re, im)-stacked product; the band-limited inverse needs no padding
+            h = jnp.einsum("nmrbcl,rslncd->sblmd", F[:, Lc - 1 :], _complex_as_real(kappa))
+            out = hm.s2_inverse_half(jax.lax.complex(h[0], h[1]), hm.lookup(tables, hm.s2_key(self.L_out, False)))
+            return out + b
+        h = jnp.einsum("bnlmc,lncd->blmd", F[:, :, :, Lc - 1 :], kappa)
         h = _pad_end(_pad_end(h, 1, self.L_out), 2, self.L_out)  # [B, l, m >= 0, D]
         out = hm.s2_inverse_half(h, hm.lookup(tables, hm.s2_key(self.L_out, False)))
         return out + b

@@ -139,14 +139,19 @@ def _apply(layer, x, key=0):
 def test_s2conv_equals_quadrature(s2_signal):
     flm, f = s2_signal
     x = jnp.asarray(f[None, ..., None], jnp.float32)
-    layer = layers.S2Conv(features=2, L_in=L, L_out=L, max_beta=0.6)
-    v, out, _ = _apply(layer, x)
-    w = np.asarray(v["params"]["kernel"])[:, :, 0, :] * np.sqrt(6 / 24)  # [b, a, d]
     xp = O.s2_filter_points(*grids.s2_near_identity_grid(0.6))
     Rx = np.einsum("...ij,baj->...bai", O.grid_rotations(L), xp)
-    ref = np.einsum("...ba,bad->...d", O.eval_s2(flm, L, Rx), w)
-    assert out.shape == (1, 2 * L - 1, 2 * L, 2 * L - 1, 2)
-    assert rel(out[0], ref) < 1e-4
+    fRx = O.eval_s2(flm, L, Rx)
+    for layout in hm.SO3_LAYOUTS:
+        layer = layers.S2Conv(features=2, L_in=L, L_out=L, max_beta=0.6, layout=layout)
+        v, out, _ = _apply(layer, x)
+        if layout == "gamma_first":
+            assert out.shape == (2 * L - 1, 1, 2, 2 * L, 2 * L - 1)
+            out = np.asarray(hm.from_gamma_first(out))
+        w = np.asarray(v["params"]["kernel"])[:, :, 0, :] * np.sqrt(6 / 24)  # [b, a, d]
+        ref = np.einsum("...ba,bad->...d", fRx, w)
+        assert out.shape == (1, 2 * L - 1, 2 * L, 2 * L - 1, 2)
+        assert rel(out[0], ref) < 1e-4, layout
 
 
 def _apply_in_layout(layer, x, key):
@@ -216,9 +221,10 @@ def test_so3_to_s2_equals_explicit_wigner_formula(s2_signal):
     Fg = F(O.grid_rotations(L))
     x = jnp.asarray(Fg[None, ..., None], jnp.float32)
     Lo = 6
-    layer = layers.SO3ToS2(features=1, L_in=L, L_out=Lo, max_beta=0.5)
-    v, out, _ = _apply(layer, x, 3)
-    assert out.shape == (1, 2 * Lo, 2 * Lo - 1, 1)
+    v, out, _ = _apply(layers.SO3ToS2(features=1, L_in=L, L_out=Lo, max_beta=0.5), x, 3)
+    gf = layers.SO3ToS2(features=1, L_in=L, L_out=Lo, max_beta=0.5, layout="gamma_first")
+    _, out_gf, _ = _apply(gf, hm.to_gamma_first(x), 3)  # the same key: the same parameters
+    assert out.shape == out_gf.shape == (1, 2 * Lo, 2 * Lo - 1, 1)
     w = np.asarray(v["params"]["kernel"])[..., 0, 0] * np.sqrt(6 / 192)
     betas, alphas, pg = grids.so3_near_identity_grid(0.5)
     # F_lmn by s2fft's own (numpy) Wigner transform, independent of sphere_jax.harmonics
@@ -235,6 +241,7 @@ def test_so3_to_s2_equals_explicit_wigner_formula(s2_signal):
         h[l, L - 1 - l : L + l] = np.sqrt(4 * np.pi / (2 * l + 1)) * (2 * l + 1) / (8 * np.pi**2) * hl
     ref = O.eval_s2(h, L, grids.s2_points(Lo))  # real part
     assert rel(out[0, ..., 0], ref) < 1e-4
+    assert rel(out_gf[0, ..., 0], ref) < 1e-4
 
 
 def test_so3_integrate_is_the_mean():
@@ -319,21 +326,33 @@ def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
         hm.so3_inverse_gf(g[:, :, :1], jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
 
 
+@pytest.mark.parametrize("kind", ["S2Conv", "SO3Conv", "SO3ToS2"])
 @pytest.mark.parametrize("L_in,L_out", [(7, 5), (5, 7), (6, 6)])
-def test_so3conv_gamma_first_equals_channels_last(L_in, L_out):
+def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out):
+    """Each layer gives the same numbers on gamma-first SO(3) signals as on channels-last ones
+    (S2Conv: its output; SO3ToS2: its input; SO3Conv: both)."""
     B, C, D = 2, 3, 4
-    a = layers.SO3Conv(D, L_in, L_out, 0.4)
-    g = layers.SO3Conv(D, L_in, L_out, 0.4, layout="gamma_first")
-    x = jax.random.normal(jax.random.key(1), (B, 2 * L_in - 1, 2 * L_in, 2 * L_in - 1, C))
-    v, ya, _ = _apply(a, x)
+    cls = getattr(layers, kind)
+    a = cls(D, L_in, L_out, 0.4)
+    g = cls(D, L_in, L_out, 0.4, layout="gamma_first")
+    s2_in = kind == "S2Conv"
+    shape = (B, 2 * L_in, 2 * L_in - 1, C) if s2_in else (B, 2 * L_in - 1, 2 * L_in, 2 * L_in - 1, C)
+    x = jax.random.normal(jax.random.key(1), shape)
+    v, _, _ = _apply(a, x)
     v = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), v)  # bias too
     ta, tg = hm.build_tables(a.table_specs()), hm.build_tables(g.table_specs())
     ya = a.apply(v, x, ta)
-    yg = g.apply(v, hm.to_gamma_first(x), tg)
-    assert yg.shape == (2 * L_out - 1, B, D, 2 * L_out, 2 * L_out - 1)
-    assert rel(hm.from_gamma_first(yg), ya) < 1e-5
-    with pytest.raises(ValueError, match="gamma first"):
-        g.apply(v, x, tg)
+    xg = x if s2_in else hm.to_gamma_first(x)
+    yg = g.apply(v, xg, tg)
+    if kind == "SO3ToS2":
+        assert yg.shape == ya.shape == (B, 2 * L_out, 2 * L_out - 1, D)
+    else:
+        assert yg.shape == (2 * L_out - 1, B, D, 2 * L_out, 2 * L_out - 1)
+        yg = hm.from_gamma_first(yg)
+    assert rel(yg, ya) < 1e-5
+    if not s2_in:
+        with pytest.raises(ValueError, match="gamma first"):
+            g.apply(v, x, tg)
 
 
 def test_so3_layout_setting(monkeypatch):
@@ -345,9 +364,13 @@ def test_so3_layout_setting(monkeypatch):
     monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
     monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "fft")
     assert hm.so3_layout() == "channels_last"  # the gamma-first path exists for "dft" only
-    layer = layers.SO3Conv(2, 5, 5, 0.4, layout="gamma_first")
+    for layer in (layers.SO3Conv(2, 5, 5, 0.4, layout="gamma_first"), layers.SO3ToS2(2, 5, 5, 0.4, layout="gamma_first")):
+        with pytest.raises(ValueError, match="needs the 'dft' transforms"):
+            layer.init(jax.random.key(0), jnp.zeros((9, 1, 1, 10, 9)), {})
     with pytest.raises(ValueError, match="needs the 'dft' transforms"):
-        layer.init(jax.random.key(0), jnp.zeros((9, 1, 1, 10, 9)), {})
+        layers.S2Conv(2, 5, 5, 0.4, layout="gamma_first").init(jax.random.key(0), jnp.zeros((1, 10, 9, 1)), {})
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layers.S2Conv(2, 5, 5, 0.4, layout="nchw").init(jax.random.key(0), jnp.zeros((1, 10, 9, 1)), {})
     monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "nchw")
     with pytest.raises(ValueError, match="SPHERE_JAX_SO3_LAYOUT"):
         hm.so3_layout()
@@ -355,7 +378,7 @@ def test_so3_layout_setting(monkeypatch):
 
 def test_models_are_the_same_function_in_both_layouts(monkeypatch):
     """Logits and parameter gradients of a segmenter and a classifier do not depend on the SO(3)
-    layout the model carries between its SO(3) convolutions."""
+    layout the model carries between its layers."""
     from sphere_jax.models import s2cnn
 
     monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")

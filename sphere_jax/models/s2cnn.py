@@ -132,21 +132,23 @@ class S2CNNClassifierConfig:
 def _seg_layers(cfg: S2CNNSegmenterConfig, layout: str | None = None, **kw):
     r = cfg.radii()
     layout = layout or hm.so3_layout()
-    out = [layers.S2Conv(cfg.s2_features, cfg.L_in, cfg.s2_bandlimit, r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
+    out = [layers.S2Conv(cfg.s2_features, cfg.L_in, cfg.s2_bandlimit, r[0], cfg.n_alpha, cfg.n_beta,
+                         layout=layout, name="s2_conv", **kw)]
     L_prev = cfg.s2_bandlimit
     for i, (c, L) in enumerate(zip(cfg.so3_features, cfg.so3_bandlimits)):
         out.append(layers.SO3Conv(c, L_prev, L, r[i + 1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma, cfg.max_gamma,
                                   layout=layout, name=f"so3_conv_{i}", **kw))
         L_prev = L
     out.append(layers.SO3ToS2(cfg.num_classes, L_prev, cfg.L_out, r[-1], cfg.n_alpha, cfg.n_beta, cfg.n_gamma,
-                              cfg.max_gamma, name="so3_to_s2", **kw))
+                              cfg.max_gamma, layout=layout, name="so3_to_s2", **kw))
     return out
 
 
 def _cls_layers(cfg: S2CNNClassifierConfig, layout: str | None = None, **kw):
     r = cfg.radii()
     layout = layout or hm.so3_layout()
-    out = [layers.S2Conv(cfg.features[0], cfg.L_in, cfg.bandlimits[0], r[0], cfg.n_alpha, cfg.n_beta, name="s2_conv", **kw)]
+    out = [layers.S2Conv(cfg.features[0], cfg.L_in, cfg.bandlimits[0], r[0], cfg.n_alpha, cfg.n_beta,
+                         layout=layout, name="s2_conv", **kw)]
     for i in range(1, len(cfg.features)):
         out.append(
             layers.SO3Conv(
@@ -161,9 +163,10 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
     """The equivariant layers of an S2CNN in call order (unbound, ``parent=None``): ``S2Conv``,
     ``SO3Conv``..., and for segmenters ``SO3ToS2``. Each is applied as
     ``layer.apply({"params": params[layer.name]}, x, tables)``: the first takes the input
-    ``[B, 2L_in, 2L_in-1, C]``, the others the previous layer's output (a ReLU in between) as
-    ``[B, 2L-1, 2L, 2L-1, C]``, or ``[2L-1, B, C, 2L, 2L-1]`` for an ``SO3Conv`` whose ``layout``
-    is ``"gamma_first"``. For per-layer accounting (``sphere_jax.benchmark.layer_case``)."""
+    ``[B, 2L_in, 2L_in-1, C]``, the others the previous layer's output (a ReLU in between), an
+    SO(3) signal in the layers' ``layout``: ``[B, 2L-1, 2L, 2L-1, C]`` (``"channels_last"``) or
+    ``[2L-1, B, C, 2L, 2L-1]`` (``"gamma_first"``). For per-layer accounting
+    (``sphere_jax.benchmark.layer_case``)."""
     cfg = model.config
     if isinstance(model, S2CNNSegmenter):
         return _seg_layers(cfg, parent=None)
@@ -172,20 +175,16 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
     raise TypeError(f"layer_modules takes an S2CNN segmenter or classifier, got {type(model).__name__}")
 
 
-def _layout_of(m) -> str:
-    """Layout of the SO(3) signal a layer takes (S2Conv: an S2 signal, no SO(3) layout)."""
-    return getattr(m, "layout", "channels_last")
-
-
 def _apply_layers(mods, x, tables, relu_last: bool):
-    """Apply layers in order with ReLUs between (and after the last if ``relu_last``), moving the
-    SO(3) signal between layouts where consecutive layers differ. Returns ``(x, layout of x)``."""
-    cur = "channels_last"
+    """Apply layers in order with ReLUs between (and after the last if ``relu_last``). Every
+    layer takes and gives SO(3) signals in its ``layout``; where two consecutive layers' layouts
+    differ, the signal is moved between them. Returns ``(x, layout of x)`` (the last layer's)."""
+    cur = None
     for i, m in enumerate(mods):
-        if i > 0 and _layout_of(m) != cur:
-            x = hm.to_gamma_first(x) if _layout_of(m) == "gamma_first" else hm.from_gamma_first(x)
-            cur = _layout_of(m)
+        if cur is not None and m.layout != cur:
+            x = hm.to_gamma_first(x) if m.layout == "gamma_first" else hm.from_gamma_first(x)
         x = m(x, tables)
+        cur = m.layout
         if i < len(mods) - 1 or relu_last:
             x = nn.relu(x)
     return x, cur
