@@ -120,7 +120,7 @@ def layer_case(case: dict) -> dict:
         if i == 0:
             shape = (B, 2 * L, 2 * L - 1, c_in)
         elif getattr(m, "layout", "channels_last") == "gamma_first":
-            shape = (2 * L - 1, B, c_in, 2 * L, 2 * L - 1)
+            shape = (2 * L - 1, 2 * L - 1, B, c_in, 2 * L)
         else:
             shape = (B, 2 * L - 1, 2 * L, 2 * L - 1, c_in)
         x = jax.random.normal(key, shape, jnp.float32)

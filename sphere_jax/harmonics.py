@@ -15,7 +15,7 @@ Conventions (s2fft's):
   Coefficients ``flmn [B, 2N-1, L, 2L-1, C]``, ``flmn[:, N-1+n, l, L-1+m]``;
   ``f(R) = sum (2l+1)/(8 pi^2) flmn conj(D^l_mn(R))`` with
   ``D^l_mn(alpha, beta, gamma) = exp(-i m alpha) d^l_mn(beta) exp(-i n gamma)``.
-* Gamma-first SO(3) signals ``[2N-1, B, C, 2L, 2L-1]`` (``[gamma, batch, channel, beta, alpha]``)
+* Gamma-first SO(3) signals ``[2N-1, 2L-1, B, C, 2L]`` (``[gamma, alpha, batch, channel, beta]``)
   and their coefficients ``[N, 2L-1, 2, B, C, L]`` (``[n >= 0, L-1+m, re/im, batch, channel, l]``)
   are what S2CNN models carry between their layers with the ``"dft"`` transforms
   (:func:`so3_layout`, :func:`so3_forward_gf`, :func:`so3_inverse_gf`): fewer layout copies.
@@ -445,9 +445,10 @@ def so3_layout() -> str:
 
     * ``"channels_last"``: ``[B, 2N-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``),
       the layers' public layout;
-    * ``"gamma_first"``: ``[2N-1, B, C, 2L, 2L-1]`` (``[gamma, batch, channel, beta, alpha]``). The
-      gamma and alpha DFTs are then matrix products on the leading and the trailing axis, and
-      only the Wigner contraction over beta moves data (:func:`so3_forward_gf`,
+    * ``"gamma_first"``: ``[2N-1, 2L-1, B, C, 2L]`` (``[gamma, alpha, batch, channel, beta]``).
+      Each transform is then three matrix products that XLA runs without moving the data first:
+      the gamma DFT on the leading axis, the alpha DFT batched over the frequencies ``n`` and
+      the Wigner contraction over beta batched over ``(n, m)`` (:func:`so3_forward_gf`,
       :func:`so3_inverse_gf`). Used with the ``"dft"`` transforms only.
 
     Set by the environment variable ``SPHERE_JAX_SO3_LAYOUT``; the default is ``"gamma_first"``
@@ -463,13 +464,13 @@ def so3_layout() -> str:
 
 
 def to_gamma_first(x: jax.Array) -> jax.Array:
-    """``[B, 2N-1, 2L, 2L-1, C]`` -> ``[2N-1, B, C, 2L, 2L-1]``."""
-    return jnp.transpose(x, (1, 0, 4, 2, 3))
+    """``[B, 2N-1, 2L, 2L-1, C]`` -> ``[2N-1, 2L-1, B, C, 2L]``."""
+    return jnp.transpose(x, (1, 3, 0, 4, 2))
 
 
 def from_gamma_first(x: jax.Array) -> jax.Array:
-    """``[2N-1, B, C, 2L, 2L-1]`` -> ``[B, 2N-1, 2L, 2L-1, C]``."""
-    return jnp.transpose(x, (1, 0, 3, 4, 2))
+    """``[2N-1, 2L-1, B, C, 2L]`` -> ``[B, 2N-1, 2L, 2L-1, C]``."""
+    return jnp.transpose(x, (2, 0, 4, 1, 3))
 
 
 def so3_gf_key(L: int, forward: bool, L_band: int) -> str:
@@ -491,47 +492,71 @@ def so3_gf_spec(L: int, forward: bool, L_band: int) -> dict[str, "callable"]:
     return {so3_gf_key(L, forward, L_band): functools.partial(so3_table_gf, L, forward, L_band)}
 
 
+def _batched(m: np.ndarray, n: int) -> jax.Array:
+    """A constant matrix repeated along a new leading axis of size ``n``: a batched operand, so
+    that XLA multiplies it into each slice of a ``[n, K, X]`` array in place (measured: without
+    the batch axis XLA transposes the big operand first)."""
+    return jnp.broadcast_to(jnp.asarray(m, jnp.float32), (n,) + m.shape)
+
+
+def _left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
+    """A constant matrix ``m [J, K]`` times ``x [K, ...]`` -> ``[J, ...]``, whose backward pass
+    is ``m^T`` times the cotangent. (JAX's own transpose rule computes ``cotangent^T m`` and
+    transposes the result: XLA then moves the big operand twice.)"""
+    m = np.asarray(m, np.float32)
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tensordot(jnp.asarray(m), x, axes=(1, 0))
+
+    f.defvjp(lambda x: (f(x), None), lambda _, g: (jnp.tensordot(jnp.asarray(m.T), g, axes=(1, 0)),))
+    return f(x)
+
+
 def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
-    """Real SO(3) signal, gamma first, ``[2N-1, B, C, 2L, 2L-1]`` (``N = L``) -> half coefficients
+    """Real SO(3) signal, gamma first, ``[2N-1, 2L-1, B, C, 2L]`` (``N = L``) -> half coefficients
     ``[Lb, 2Lb-1, 2, B, C, Lb]`` indexed ``[n >= 0, Lb-1+m, re/im, b, c, l]``: the same numbers as
     :func:`so3_forward_half` with ``L_band=Lb``, for the ``table`` of :func:`so3_table_gf`
-    ``(L, True, Lb)``."""
+    ``(L, True, Lb)``. Three matrix products, none of which moves the data first: gamma -> n on
+    the leading axis, alpha -> m batched over n, beta -> l batched over (n, m)."""
     Nb, Mb, T, Lb = table.shape
     L = T // 2
-    if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
-        raise ValueError(f"gamma-first SO(3) signal must be [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}], got {x.shape}")
-    B, C = x.shape[1:3]
+    K = 2 * L - 1
+    if x.ndim != 5 or x.shape[:2] != (K, K) or x.shape[4] != T:
+        raise ValueError(f"gamma-first SO(3) signal must be [{K}, {K}, batch, channels, {T}], got {x.shape}")
+    B, C = x.shape[2:4]
     am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
-    ms = slice(L - Lb, L + Lb - 1)
-    mg = jnp.asarray(np.concatenate([gn_c[:Nb], -gn_s[:Nb]]))  # [2Nb, K]: e^{-i n gamma}, re rows then im
-    ma = jnp.asarray(np.concatenate([am_c[ms], am_s[ms]]).T)  # [P, 2Mb]: cos then sin of m alpha
-    a = jnp.tensordot(mg, x, axes=(1, 0))  # [2Nb, B, C, T, P]: gamma -> n
-    y = jnp.tensordot(a, ma, axes=(4, 0)).reshape(2, Nb, B, C, T, 2, Mb)  # alpha -> m (cos, sin)
-    re = y[0, ..., 0, :] + y[1, ..., 1, :]  # sum_p a e^{-i m alpha_p}
-    im = y[1, ..., 0, :] - y[0, ..., 1, :]
-    return jnp.einsum("rnbctm,nmtl->nmrbcl", jnp.stack([re, im]), table)  # beta -> l
+    c, s = am_c[L - Lb : L + Lb - 1], am_s[L - Lb : L + Lb - 1]  # [m, p]
+    mg = np.stack([gn_c[:Nb], -gn_s[:Nb]], axis=1).reshape(2 * Nb, K)  # [(n, re/im), gamma]: e^{-i n gamma}
+    a = _left_matmul(mg, x).reshape(Nb, 2 * K, B * C * T)  # [n, (re/im, alpha), bct]
+    # alpha -> m: (re, im) of sum_p a e^{-i m alpha_p} as one real block [(m, re/im out), (re/im in, alpha)]
+    ma = np.stack([np.stack([c, s], 1), np.stack([-s, c], 1)], 1).reshape(2 * Mb, 2 * K)
+    y = jnp.einsum("nxq,nqz->nxz", _batched(ma, Nb), a).reshape(Nb, Mb, 2 * B * C, T)
+    out = jnp.einsum("nmzt,nmtl->nmzl", y, table)  # beta -> l
+    return out.reshape(Nb, Mb, 2, B, C, Lb)
 
 
 def so3_inverse_gf(coeffs: jax.Array, table: jax.Array) -> jax.Array:
     """Half coefficients ``[Lb, 2Lb-1, 2, B, C, Lb]`` (as :func:`so3_forward_gf` returns; the
-    coefficients outside are zero) -> real SO(3) signal, gamma first, ``[2L-1, B, C, 2L, 2L-1]``,
+    coefficients outside are zero) -> real SO(3) signal, gamma first, ``[2L-1, 2L-1, B, C, 2L]``,
     for the ``table`` of :func:`so3_table_gf` ``(L, False, Lb)``. Equals :func:`so3_inverse_half`."""
     Nb, Mb, Lb, T = table.shape
     L = T // 2
+    K = 2 * L - 1
     if coeffs.ndim != 6 or coeffs.shape[:3] != (Nb, Mb, 2) or coeffs.shape[5] != Lb:
         raise ValueError(f"gamma-first SO(3) coefficients must be [{Nb}, {Mb}, 2, batch, channels, {Lb}], got {coeffs.shape}")
     B, C = coeffs.shape[3:5]
     am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
-    ms = slice(L - Lb, L + Lb - 1)
-    x = jnp.einsum("nmrbcl,nmlt->nbctrm", coeffs, table)  # l -> beta: [Nb, B, C, T, 2, Mb]
-    # m -> alpha: h = sum_m x e^{i m alpha}: (re, im) rows against (re, im) columns
-    mi = np.block([[am_c[ms], am_s[ms]], [-am_s[ms], am_c[ms]]]).astype(np.float32)  # [2Mb, 2P]
-    h = jnp.tensordot(x.reshape(Nb, B, C, T, 2 * Mb), jnp.asarray(mi), axes=(4, 0))
-    h = h.reshape(Nb, B, C, T, 2, 2 * L - 1)
+    c, s = am_c[L - Lb : L + Lb - 1].T, am_s[L - Lb : L + Lb - 1].T  # [p, m]
+    x = jnp.einsum("nmzl,nmlt->nmzt", coeffs.reshape(Nb, Mb, 2 * B * C, Lb), table)  # l -> beta
+    # m -> alpha: (re, im) of sum_m x e^{i m alpha_p} as one real block [(re/im out, alpha), (m, re/im in)]
+    mi = np.stack([np.stack([c, -s], 2), np.stack([s, c], 2)], 0).reshape(2 * K, 2 * Mb)
+    h = jnp.einsum("nqx,nxz->nqz", _batched(mi, Nb), x.reshape(Nb, 2 * Mb, B * C * T))  # [n, (re/im, alpha), bct]
     # n >= 0 -> gamma: Re sum_n w_n h e^{i n gamma}
     w = np.where(np.arange(Nb) == 0, 1.0, 2.0)[:, None]
-    mg = np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]]).astype(np.float32)  # [2 (re, im), Nb, K]
-    return jnp.einsum("nbctsp,snk->kbctp", h, jnp.asarray(mg))
+    mg = np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]], axis=1).reshape(2 * Nb, K).T  # [gamma, (n, re/im)]
+    out = _left_matmul(mg, h.reshape(2 * Nb, K * B * C * T))
+    return out.reshape(K, K, B, C, T)
 
 
 def so3_half_to_full_gf(c: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ compensate the normalisation of its own FFTs, which ours do not have; with them 
 Shapes (channels last): S2 signals ``[B, 2L, 2L-1, C]``, SO(3) signals
 ``[B, 2L-1, 2L, 2L-1, C]`` (``[batch, gamma, beta, alpha, channel]``, N = L). With
 ``layout="gamma_first"`` the layers' SO(3) signals (S2Conv's output, SO3Conv's input and output,
-SO3ToS2's input) are ``[2L-1, B, C, 2L, 2L-1]`` instead: fewer layout copies; the S2CNN models
+SO3ToS2's input) are ``[2L-1, 2L-1, B, C, 2L]`` (``[gamma, alpha, batch, channel, beta]``) instead: fewer layout copies; the S2CNN models
 use it with the ``"dft"`` transforms, see :func:`sphere_jax.harmonics.so3_layout`. Every
 ``__call__`` takes the model's ``tables`` (see :func:`sphere_jax.harmonics.build_tables`).
 """
@@ -109,8 +109,8 @@ class S2Conv(nn.Module):
       n_alpha, n_beta: azimuths per ring and number of rings (grid of ``n_beta * n_alpha``).
 
     Input ``[B, 2 L_in, 2 L_in - 1, C_in]``; output ``[B, 2 L_out - 1, 2 L_out, 2 L_out - 1, features]``,
-    or with ``layout="gamma_first"`` (``"dft"`` transforms only) ``[2 L_out - 1, B, features,
-    2 L_out, 2 L_out - 1]`` (see :func:`sphere_jax.harmonics.so3_layout`).
+    or with ``layout="gamma_first"`` (``"dft"`` transforms only) ``[2 L_out - 1, 2 L_out - 1, B,
+    features, 2 L_out]`` (see :func:`sphere_jax.harmonics.so3_layout`).
     Parameters: ``kernel [n_beta, n_alpha, C_in, features]`` and ``bias [features]``.
     """
 
@@ -161,7 +161,7 @@ class S2Conv(nn.Module):
             f2 = jnp.stack([jnp.real(flm), jnp.imag(flm)])  # [re/im, B, l, m, C]
             g = jnp.einsum("rblmc,rslncd->nmsbdl", f2, _complex_as_real(psi))  # [n, m, re/im, B, D, l]
             out = hm.so3_inverse_gf(g, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
-            return out + b[:, None, None]
+            return out + b[:, None]
         g = jnp.einsum("blmc,lncd->bnlmd", flm, psi)
         g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
         g = _pad_centre(g, 3, 2 * self.L_out - 1)
@@ -221,14 +221,14 @@ class _SO3Filter(nn.Module):
         return F, Lc
 
     def _input_coeffs_gf(self, x, tables):
-        """Gamma-first input ``[2L-1, B, C, 2L, 2L-1]`` -> full coefficients ``[2Lc-1 (n), 2Lc-1 (m),
+        """Gamma-first input ``[2L-1, 2L-1, B, C, 2L]`` -> full coefficients ``[2Lc-1 (n), 2Lc-1 (m),
         2 (re/im), B, C, Lc (l)]`` truncated to ``Lc = min(L_in, L_out)`` (computed band-limited)."""
         name = type(self).__name__
         _check_bandlimits(name, self.L_in, self.L_out)
         L = self.L_in
-        if x.ndim != 5 or x.shape[0] != 2 * L - 1 or x.shape[3:] != (2 * L, 2 * L - 1):
+        if x.ndim != 5 or x.shape[:2] != (2 * L - 1, 2 * L - 1) or x.shape[4] != 2 * L:
             raise ValueError(
-                f"{name} (gamma first) expects [{2 * L - 1}, batch, channels, {2 * L}, {2 * L - 1}] (L_in={L}), got {x.shape}"
+                f"{name} (gamma first) expects [{2 * L - 1}, {2 * L - 1}, batch, channels, {2 * L}] (L_in={L}), got {x.shape}"
             )
         Lc = min(self.L_in, self.L_out)
         F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
@@ -299,28 +299,32 @@ class SO3Conv(_SO3Filter):
         return out + b
 
     def _call_gamma_first(self, x, tables):
-        """The same layer on gamma-first signals ``[2L-1, B, C, 2L, 2L-1]``: band-limited
+        """The same layer on gamma-first signals ``[2L-1, 2L-1, B, C, 2L]``: band-limited
         transforms (only the degrees ``< min(L_in, L_out)`` that the layer keeps) and the block
         products on real (re, im)-stacked operands."""
         F, Lc = self._input_coeffs_gf(x, tables)  # [n, m, re/im, B, C, l], |n|, |m| < Lc
-        b, dk, G = self._kernel(x.shape[2], Lc, tables, np.arange(Lc))  # G: k >= 0
+        b, dk, G = self._kernel(x.shape[3], Lc, tables, np.arange(Lc))  # G: k >= 0
+        buckets = _buckets(Lc)
+        # split the degrees first: the gradient then concatenates the buckets' pieces instead of
+        # adding one zero-padded copy of F per bucket
+        pieces = jnp.split(F, [l0 for l0, _ in buckets[1:]], axis=5)
         blocks = []
-        for l0, l1 in _buckets(Lc):
+        for (l0, l1), Fb in zip(buckets, pieces):
             s = slice(Lc - l1, Lc + l1 - 1)  # |n|, |m| < l1
             psi = jnp.einsum("lknb,knbcd->lkncd", dk[l0:l1, Lc - 1 : Lc - 1 + l1, s], G[:l1, s])
             psi2 = _complex_as_real(psi)  # [re/im of F, re/im of H, l, k, n, c, d]
-            Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", F[s, s, :, :, :, l0:l1], psi2)
+            Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", Fb[s, s], psi2)
             blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
         H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
         out = hm.so3_inverse_gf(H, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
-        return out + b[:, None, None]
+        return out + b[:, None]
 
 
 class SO3ToS2(_SO3Filter):
     """SO(3) -> S2 layer of the study (block products, sum over the kernel index, inverse S2).
 
     Input ``[B, 2 L_in - 1, 2 L_in, 2 L_in - 1, C_in]``, or with ``layout="gamma_first"``
-    (``"dft"`` transforms only) ``[2 L_in - 1, B, C_in, 2 L_in, 2 L_in - 1]``; output
+    (``"dft"`` transforms only) ``[2 L_in - 1, 2 L_in - 1, B, C_in, 2 L_in]``; output
     ``[B, 2 L_out, 2 L_out - 1, features]``. Parameters as :class:`SO3Conv`.
     """
 
@@ -343,7 +347,7 @@ class SO3ToS2(_SO3Filter):
         k_all = np.arange(-min(self.L_in, self.L_out) + 1, min(self.L_in, self.L_out))  # G: all k
         if gf:
             F, Lc = self._input_coeffs_gf(x, tables)  # [n, m, re/im, B, C, l]
-            b, dk, G = self._kernel(x.shape[2], Lc, tables, k_all)
+            b, dk, G = self._kernel(x.shape[3], Lc, tables, k_all)
         else:
             F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: k_all)
         kappa = jnp.einsum("lknb,knbcd->lncd", dk, G)  # sum_k Psi_lkn
@@ -379,9 +383,9 @@ def rms_normalize(x: jax.Array, target: float = 1.0, eps: float = 1e-6) -> jax.A
 
 def so3_integrate(x: jax.Array, layout: str = "channels_last") -> jax.Array:
     """Haar mean over SO(3): ``[B, 2N-1, 2L, 2L-1, C]`` (or, ``layout="gamma_first"``,
-    ``[2N-1, B, C, 2L, 2L-1]``) -> ``[B, C]`` (rotation invariant)."""
+    ``[2N-1, 2L-1, B, C, 2L]``) -> ``[B, C]`` (rotation invariant)."""
     gf = layout == "gamma_first"
-    K, T, P = (x.shape[0], x.shape[3], x.shape[4]) if gf else x.shape[1:4]
+    K, P, T = (x.shape[0], x.shape[1], x.shape[4]) if gf else (x.shape[1], x.shape[3], x.shape[2])
     w = grids.dh_quadrature_weights(T // 2).astype(np.float32)
     w = w / (w.sum() * P * K)
-    return jnp.einsum("kbctp,t->bc" if gf else "bktpc,t->bc", x, w)
+    return jnp.einsum("kpbct,t->bc" if gf else "bktpc,t->bc", x, w)

@@ -146,7 +146,7 @@ def test_s2conv_equals_quadrature(s2_signal):
         layer = layers.S2Conv(features=2, L_in=L, L_out=L, max_beta=0.6, layout=layout)
         v, out, _ = _apply(layer, x)
         if layout == "gamma_first":
-            assert out.shape == (2 * L - 1, 1, 2, 2 * L, 2 * L - 1)
+            assert out.shape == (2 * L - 1, 2 * L - 1, 1, 2, 2 * L)
             out = np.asarray(hm.from_gamma_first(out))
         w = np.asarray(v["params"]["kernel"])[:, :, 0, :] * np.sqrt(6 / 24)  # [b, a, d]
         ref = np.einsum("...ba,bad->...d", fRx, w)
@@ -251,6 +251,8 @@ def test_so3_integrate_is_the_mean():
     mean = float(layers.so3_integrate(x)[0, 0])
     # f = sum (2l+1)/(8 pi^2) flmn conj(D): its Haar mean is flmn[l=0] / (8 pi^2)
     assert mean == pytest.approx(float(np.real(flmn[L - 1, 0, L - 1])) / (8 * np.pi**2), rel=1e-4, abs=1e-6)
+    mean_gf = float(layers.so3_integrate(hm.to_gamma_first(x), "gamma_first")[0, 0])
+    assert mean_gf == pytest.approx(mean, rel=1e-5, abs=1e-7)
 
 
 # ------------------------------------------------------------------ equivariance
@@ -315,7 +317,7 @@ def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
     assert rel(as_ref(g), ref) < 1e-6
     assert rel(as_ref(hm.so3_half_to_full_gf(g)), hm.so3_half_to_full(ref)) < 1e-6
     back = hm.so3_inverse_gf(g, jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
-    assert back.shape == (2 * Ls - 1, B, C, 2 * Ls, 2 * Ls - 1)
+    assert back.shape == (2 * Ls - 1, 2 * Ls - 1, B, C, 2 * Ls)
     assert rel(hm.from_gamma_first(back), hm.so3_inverse_half(ref, jnp.asarray(hm.so3_table(Ls, Ls, False)))) < 1e-6
     for fwd in (True, False):
         key = hm.so3_gf_key(Ls, fwd, Lb)
@@ -347,7 +349,7 @@ def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out):
     if kind == "SO3ToS2":
         assert yg.shape == ya.shape == (B, 2 * L_out, 2 * L_out - 1, D)
     else:
-        assert yg.shape == (2 * L_out - 1, B, D, 2 * L_out, 2 * L_out - 1)
+        assert yg.shape == (2 * L_out - 1, 2 * L_out - 1, B, D, 2 * L_out)
         yg = hm.from_gamma_first(yg)
     assert rel(yg, ya) < 1e-5
     if not s2_in:
@@ -366,7 +368,7 @@ def test_so3_layout_setting(monkeypatch):
     assert hm.so3_layout() == "channels_last"  # the gamma-first path exists for "dft" only
     for layer in (layers.SO3Conv(2, 5, 5, 0.4, layout="gamma_first"), layers.SO3ToS2(2, 5, 5, 0.4, layout="gamma_first")):
         with pytest.raises(ValueError, match="needs the 'dft' transforms"):
-            layer.init(jax.random.key(0), jnp.zeros((9, 1, 1, 10, 9)), {})
+            layer.init(jax.random.key(0), jnp.zeros((9, 9, 1, 1, 10)), {})
     with pytest.raises(ValueError, match="needs the 'dft' transforms"):
         layers.S2Conv(2, 5, 5, 0.4, layout="gamma_first").init(jax.random.key(0), jnp.zeros((1, 10, 9, 1)), {})
     with pytest.raises(ValueError, match="layout must be one of"):

@@ -165,7 +165,7 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
     ``layer.apply({"params": params[layer.name]}, x, tables)``: the first takes the input
     ``[B, 2L_in, 2L_in-1, C]``, the others the previous layer's output (a ReLU in between), an
     SO(3) signal in the layers' ``layout``: ``[B, 2L-1, 2L, 2L-1, C]`` (``"channels_last"``) or
-    ``[2L-1, B, C, 2L, 2L-1]`` (``"gamma_first"``). For per-layer accounting
+    ``[2L-1, 2L-1, B, C, 2L]`` (``"gamma_first"``). For per-layer accounting
     (``sphere_jax.benchmark.layer_case``)."""
     cfg = model.config
     if isinstance(model, S2CNNSegmenter):
