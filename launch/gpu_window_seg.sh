@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU window for the segmentation study and the S2CNN's speed (a lent H100/H200):
 #   1. times the 204k segmenter's batch-32 training step at band-limit 50 with each SO(3)
-#      transform variant (TRANSFORMS[/SO3_LAYOUT], default layout gamma_first), and with the code
+#      transform variant (TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]], default gamma_first, float32; a
+#      bfloat16 variant is timed but never chosen for training), and with the code
 #      of BEFORE (a copy of an earlier sphere_jax, if given);
 #      then each of its layers alone with the fastest variant (time, GFLOP, GB, layout copies);
 #   2. trains run 0 of paper_segmentation (the S2CNN trained NR on MNIST) with the fastest
@@ -15,7 +16,7 @@
 #
 # Env: CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
-# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft fft"), PYTHON,
+# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft dft/gamma_first/bfloat16"), PYTHON,
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
@@ -25,7 +26,7 @@ SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
 PY=${PYTHON:-python3}
 CLS_ONLY=${CLS_ONLY-49,51,53,59,65,71,77}
 CLS_JOBS=${CLS_JOBS:-3}
-VARIANTS=${VARIANTS:-dft dft/channels_last fft}
+VARIANTS=${VARIANTS:-dft dft/channels_last fft dft/gamma_first/bfloat16}
 if [ -z "${SKIP_INSTALL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -45,8 +46,9 @@ else
 fi
 
 # 1. the segmenter's training step per variant (and before), one process each, nothing else running
-bench() {  # bench LABEL PYTHONPATH TRANSFORMS[/SO3_LAYOUT] COST
-  SPHERE_JAX_TRANSFORMS=${3%%/*} SPHERE_JAX_SO3_LAYOUT=$(case $3 in */*) echo "${3#*/}";; *) echo gamma_first;; esac) \
+bench() {  # bench LABEL PYTHONPATH TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]] COST
+  local tr lay dt; IFS=/ read -r tr lay dt <<< "$3"
+  SPHERE_JAX_TRANSFORMS=$tr SPHERE_JAX_SO3_LAYOUT=${lay:-gamma_first} SPHERE_JAX_GRID_DTYPE=${dt:-float32} \
     PYTHONPATH=$2 $PY - "$1" "$L" "$4" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
 import json, os, sys
 from sphere_jax import benchmark as b
@@ -56,8 +58,10 @@ try:
     row = b.run_case(case)
 except Exception as e:  # a variant that does not compile is a result too
     row = dict(model=case["model"], L=case["L"], error=f"{type(e).__name__}: {str(e)[:300]}")
+from sphere_jax import harmonics as hm
 row.update(label=sys.argv[1], transforms=os.environ["SPHERE_JAX_TRANSFORMS"],
-           so3_layout=os.environ["SPHERE_JAX_SO3_LAYOUT"])
+           so3_layout=getattr(hm, "so3_layout", lambda: "channels_last")(),  # in effect (fft: channels_last)
+           grid_dtype=os.environ["SPHERE_JAX_GRID_DTYPE"])
 print(json.dumps(row), flush=True)
 PY
   tail -1 "$OUT/benchmark.jsonl"
@@ -69,13 +73,14 @@ if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" 
 BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r]
+ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r
+      and r.get("grid_dtype", "float32") == "float32"]  # bfloat16 grids are timed, not trained with
 best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "fft", "so3_layout": "channels_last"}
 print(best["transforms"] + " " + best.get("so3_layout", "channels_last"))
 PY
 )
 read -r BEST BEST_LAYOUT <<< "$BEST"
-export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT  # read with the "dft" transforms only
+export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT SPHERE_JAX_GRID_DTYPE=float32  # layout: read with "dft" only
 # where the step's time and bytes go: each layer's forward + backward alone (one more line of
 # benchmark.jsonl, label "layers-$BEST"); LAYERS=0 skips it (about a minute)
 if [ "${LAYERS:-1}" != 0 ]; then

@@ -463,6 +463,23 @@ def so3_layout() -> str:
     return v or "gamma_first"
 
 
+GRID_DTYPES = ("float32", "bfloat16")
+
+
+def grid_dtype() -> jnp.dtype:
+    """The dtype in which gamma-first S2CNN layers store their SO(3) grids and the grid-sized
+    steps of their transforms (:func:`so3_forward_gf`, :func:`so3_inverse_gf`): ``float32`` (the
+    default) or ``bfloat16``, which halves those bytes. The harmonic coefficients, the kernels'
+    products, the parameters and every sum's accumulation stay float32; the rounding to
+    bfloat16 (8 significant bits) costs equivariance and precision (measured in
+    ``results/gpu/README.md``). Set by the environment variable ``SPHERE_JAX_GRID_DTYPE``;
+    read when a model is traced. Channels-last layers ignore it."""
+    v = os.environ.get("SPHERE_JAX_GRID_DTYPE", "float32")
+    if v not in GRID_DTYPES:
+        raise ValueError(f"SPHERE_JAX_GRID_DTYPE={v!r}; choose one of {GRID_DTYPES}")
+    return jnp.dtype(v)
+
+
 def to_gamma_first(x: jax.Array) -> jax.Array:
     """``[B, 2N-1, 2L, 2L-1, C]`` -> ``[2N-1, 2L-1, B, C, 2L]``."""
     return jnp.transpose(x, (1, 3, 0, 4, 2))
@@ -492,11 +509,11 @@ def so3_gf_spec(L: int, forward: bool, L_band: int) -> dict[str, "callable"]:
     return {so3_gf_key(L, forward, L_band): functools.partial(so3_table_gf, L, forward, L_band)}
 
 
-def _batched(m: np.ndarray, n: int) -> jax.Array:
+def _batched(m: np.ndarray, n: int, dtype) -> jax.Array:
     """A constant matrix repeated along a new leading axis of size ``n``: a batched operand, so
     that XLA multiplies it into each slice of a ``[n, K, X]`` array in place (measured: without
     the batch axis XLA transposes the big operand first)."""
-    return jnp.broadcast_to(jnp.asarray(m, jnp.float32), (n,) + m.shape)
+    return jnp.broadcast_to(jnp.asarray(m, dtype), (n,) + m.shape)
 
 
 def _left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
@@ -507,9 +524,12 @@ def _left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
 
     @jax.custom_vjp
     def f(x):
-        return jnp.tensordot(jnp.asarray(m), x, axes=(1, 0))
+        return jnp.tensordot(jnp.asarray(m, x.dtype), x, axes=(1, 0), preferred_element_type=x.dtype)
 
-    f.defvjp(lambda x: (f(x), None), lambda _, g: (jnp.tensordot(jnp.asarray(m.T), g, axes=(1, 0)),))
+    def bwd(_, g):
+        return (jnp.tensordot(jnp.asarray(m.T, g.dtype), g, axes=(1, 0), preferred_element_type=g.dtype),)
+
+    f.defvjp(lambda x: (f(x), None), bwd)
     return f(x)
 
 
@@ -518,7 +538,9 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     ``[Lb, 2Lb-1, 2, B, C, Lb]`` indexed ``[n >= 0, Lb-1+m, re/im, b, c, l]``: the same numbers as
     :func:`so3_forward_half` with ``L_band=Lb``, for the ``table`` of :func:`so3_table_gf`
     ``(L, True, Lb)``. Three matrix products, none of which moves the data first: gamma -> n on
-    the leading axis, alpha -> m batched over n, beta -> l batched over (n, m)."""
+    the leading axis, alpha -> m batched over n, beta -> l batched over (n, m). The grid-sized
+    steps run in ``x``'s dtype (float32 or bfloat16, see :func:`grid_dtype`); the coefficients
+    are float32."""
     Nb, Mb, T, Lb = table.shape
     L = T // 2
     K = 2 * L - 1
@@ -528,18 +550,21 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
     c, s = am_c[L - Lb : L + Lb - 1], am_s[L - Lb : L + Lb - 1]  # [m, p]
     mg = np.stack([gn_c[:Nb], -gn_s[:Nb]], axis=1).reshape(2 * Nb, K)  # [(n, re/im), gamma]: e^{-i n gamma}
+    dt = x.dtype
     a = _left_matmul(mg, x).reshape(Nb, 2 * K, B * C * T)  # [n, (re/im, alpha), bct]
     # alpha -> m: (re, im) of sum_p a e^{-i m alpha_p} as one real block [(m, re/im out), (re/im in, alpha)]
     ma = np.stack([np.stack([c, s], 1), np.stack([-s, c], 1)], 1).reshape(2 * Mb, 2 * K)
-    y = jnp.einsum("nxq,nqz->nxz", _batched(ma, Nb), a).reshape(Nb, Mb, 2 * B * C, T)
-    out = jnp.einsum("nmzt,nmtl->nmzl", y, table)  # beta -> l
+    y = jnp.einsum("nxq,nqz->nxz", _batched(ma, Nb, dt), a, preferred_element_type=dt).reshape(Nb, Mb, 2 * B * C, T)
+    out = jnp.einsum("nmzt,nmtl->nmzl", y, table.astype(dt), preferred_element_type=jnp.float32)  # beta -> l
     return out.reshape(Nb, Mb, 2, B, C, Lb)
 
 
-def so3_inverse_gf(coeffs: jax.Array, table: jax.Array) -> jax.Array:
+def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Half coefficients ``[Lb, 2Lb-1, 2, B, C, Lb]`` (as :func:`so3_forward_gf` returns; the
     coefficients outside are zero) -> real SO(3) signal, gamma first, ``[2L-1, 2L-1, B, C, 2L]``,
-    for the ``table`` of :func:`so3_table_gf` ``(L, False, Lb)``. Equals :func:`so3_inverse_half`."""
+    for the ``table`` of :func:`so3_table_gf` ``(L, False, Lb)``. Equals :func:`so3_inverse_half`.
+    The grid-sized steps and the result are in ``dtype`` (float32 or bfloat16, see
+    :func:`grid_dtype`)."""
     Nb, Mb, Lb, T = table.shape
     L = T // 2
     K = 2 * L - 1
@@ -548,10 +573,13 @@ def so3_inverse_gf(coeffs: jax.Array, table: jax.Array) -> jax.Array:
     B, C = coeffs.shape[3:5]
     am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
     c, s = am_c[L - Lb : L + Lb - 1].T, am_s[L - Lb : L + Lb - 1].T  # [p, m]
-    x = jnp.einsum("nmzl,nmlt->nmzt", coeffs.reshape(Nb, Mb, 2 * B * C, Lb), table)  # l -> beta
+    dt = jnp.dtype(dtype)
+    x = coeffs.astype(dt).reshape(Nb, Mb, 2 * B * C, Lb)
+    x = jnp.einsum("nmzl,nmlt->nmzt", x, table.astype(dt), preferred_element_type=dt)  # l -> beta
     # m -> alpha: (re, im) of sum_m x e^{i m alpha_p} as one real block [(re/im out, alpha), (m, re/im in)]
     mi = np.stack([np.stack([c, -s], 2), np.stack([s, c], 2)], 0).reshape(2 * K, 2 * Mb)
-    h = jnp.einsum("nqx,nxz->nqz", _batched(mi, Nb), x.reshape(Nb, 2 * Mb, B * C * T))  # [n, (re/im, alpha), bct]
+    x = x.reshape(Nb, 2 * Mb, B * C * T)
+    h = jnp.einsum("nqx,nxz->nqz", _batched(mi, Nb, dt), x, preferred_element_type=dt)  # [n, (re/im, alpha), bct]
     # n >= 0 -> gamma: Re sum_n w_n h e^{i n gamma}
     w = np.where(np.arange(Nb) == 0, 1.0, 2.0)[:, None]
     mg = np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]], axis=1).reshape(2 * Nb, K).T  # [gamma, (n, re/im)]

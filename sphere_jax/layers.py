@@ -160,8 +160,8 @@ class S2Conv(nn.Module):
             # real (re, im)-stacked product straight into the gamma-first coefficient order
             f2 = jnp.stack([jnp.real(flm), jnp.imag(flm)])  # [re/im, B, l, m, C]
             g = jnp.einsum("rblmc,rslncd->nmsbdl", f2, _complex_as_real(psi))  # [n, m, re/im, B, D, l]
-            out = hm.so3_inverse_gf(g, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
-            return out + b[:, None]
+            out = hm.so3_inverse_gf(g, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)), hm.grid_dtype())
+            return out + b[:, None].astype(out.dtype)
         g = jnp.einsum("blmc,lncd->bnlmd", flm, psi)
         g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
         g = _pad_centre(g, 3, 2 * self.L_out - 1)
@@ -316,8 +316,8 @@ class SO3Conv(_SO3Filter):
             Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", Fb[s, s], psi2)
             blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
         H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
-        out = hm.so3_inverse_gf(H, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)))
-        return out + b[:, None]
+        out = hm.so3_inverse_gf(H, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)), hm.grid_dtype())
+        return out + b[:, None].astype(out.dtype)
 
 
 class SO3ToS2(_SO3Filter):
