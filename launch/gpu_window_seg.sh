@@ -4,6 +4,7 @@
 #      transform variant (TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]], default gamma_first, float32; a
 #      bfloat16 variant is timed but never chosen for training), and with the code
 #      of BEFORE (a copy of an earlier sphere_jax, if given);
+#      the two SO(3) layouts' logits compared at the GPU's precision (layouts-check);
 #      then each of its layers alone with the fastest variant (time, GFLOP, GB, layout copies);
 #   2. trains run 0 of paper_segmentation (the S2CNN trained NR on MNIST) with the fastest
 #      variant, beside CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU
@@ -70,6 +71,22 @@ PY
 BASE=${PYTHONPATH:-}
 for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; done
 if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
+# the two SO(3) layouts at the GPU's default precision: the same logits? (label "layouts-check";
+# LAYOUT_CHECK=0 skips it, about half a minute)
+if [ "${LAYOUT_CHECK:-1}" != 0 ]; then
+  SPHERE_JAX_TRANSFORMS=dft $PY - "$L" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+import json, sys
+from sphere_jax import benchmark as b
+case = dict(layout_model="s2cnn_204k", L=int(sys.argv[1]), batch=4, rounds=1, what="infer")
+try:
+    row = b.layout_case(case)
+except Exception as e:
+    row = dict(model=case["layout_model"], error=f"{type(e).__name__}: {str(e)[:300]}")
+row.update(label="layouts-check")
+print(json.dumps(row), flush=True)
+PY
+  tail -1 "$OUT/benchmark.jsonl" | cut -c1-400
+fi
 BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
