@@ -72,6 +72,7 @@ BASE=${PYTHONPATH:-}
 for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; done
 if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
 # the two SO(3) layouts at the GPU's default precision: the same logits? (label "layouts-check";
+# if they differ by 1e-2 of their scale or more, or the check fails, training stays channels-last;
 # LAYOUT_CHECK=0 skips it, about half a minute)
 if [ "${LAYOUT_CHECK:-1}" != 0 ]; then
   SPHERE_JAX_TRANSFORMS=dft $PY - "$L" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
@@ -90,8 +91,11 @@ fi
 BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+check = [r for r in rows if r["label"] == "layouts-check"]
+gf_ok = not check or ("error" not in check[-1] and check[-1]["max_rel_diff"] < 1e-2)  # else: train channels-last
 ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r
-      and r.get("grid_dtype", "float32") == "float32"]  # bfloat16 grids are timed, not trained with
+      and r.get("grid_dtype", "float32") == "float32"  # bfloat16 grids are timed, not trained with
+      and (gf_ok or r.get("so3_layout") != "gamma_first")]
 best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "fft", "so3_layout": "channels_last"}
 print(best["transforms"] + " " + best.get("so3_layout", "channels_last"))
 PY
