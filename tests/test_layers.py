@@ -130,13 +130,19 @@ def s2_signal():
     return flm, O.eval_s2(flm, L, grids.s2_points(L))
 
 
+@pytest.fixture
+def dft(monkeypatch):
+    """The "dft" transforms, which the gamma-first layers need (a GPU's default is "fft")."""
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
+
+
 def _apply(layer, x, key=0):
     tables = hm.build_tables(layer.table_specs())
     v = jax.jit(layer.init)(jax.random.key(key), x, tables)
     return v, np.asarray(jax.jit(layer.apply)(v, x, tables)), tables
 
 
-def test_s2conv_equals_quadrature(s2_signal):
+def test_s2conv_equals_quadrature(s2_signal, dft):
     flm, f = s2_signal
     x = jnp.asarray(f[None, ..., None], jnp.float32)
     xp = O.s2_filter_points(*grids.s2_near_identity_grid(0.6))
@@ -175,7 +181,7 @@ def _so3_input(flm, Lb):
 
 
 @pytest.mark.parametrize("L_out", [L, L + 2])
-def test_so3conv_equals_quadrature(s2_signal, L_out):
+def test_so3conv_equals_quadrature(s2_signal, L_out, dft):
     flm, _ = s2_signal
     F = _so3_input(flm, L)
     x = jnp.asarray(F(O.grid_rotations(L))[None, ..., None], jnp.float32)
@@ -188,7 +194,7 @@ def test_so3conv_equals_quadrature(s2_signal, L_out):
         assert rel(out[0, ..., 0], np.einsum("...bag,bag->...", FRQ, w)) < 1e-4, layout
 
 
-def test_so3conv_downsampling_exact_for_bandlimited_input():
+def test_so3conv_downsampling_exact_for_bandlimited_input(dft):
     Lo = 4
     flm = O.random_flm(Lo, 3)
     flm_pad = np.zeros((L, 2 * L - 1), complex)
@@ -214,7 +220,7 @@ def _wigner_D(l, R_euler):
     return np.exp(-1j * k[:, None] * a) * dl * np.exp(-1j * k[None, :] * g)
 
 
-def test_so3_to_s2_equals_explicit_wigner_formula(s2_signal):
+def test_so3_to_s2_equals_explicit_wigner_formula(s2_signal, dft):
     """h_lm = sqrt(4pi/(2l+1)) (2l+1)/(8pi^2) sum_{n,k} F_lmn Psi_lkn, Psi_lkn = sum_j w_j conj(D_kn(Q_j))."""
     flm, _ = s2_signal
     F = _so3_input(flm, L)
@@ -330,7 +336,7 @@ def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
 
 @pytest.mark.parametrize("kind", ["S2Conv", "SO3Conv", "SO3ToS2"])
 @pytest.mark.parametrize("L_in,L_out", [(7, 5), (5, 7), (6, 6)])
-def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out):
+def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out, dft):
     """Each layer gives the same numbers on gamma-first SO(3) signals as on channels-last ones
     (S2Conv: its output; SO3ToS2: its input; SO3Conv: both)."""
     B, C, D = 2, 3, 4
