@@ -220,9 +220,10 @@ class _SO3Filter(nn.Module):
         F = F[:, L - Lc : L + Lc - 1, :Lc, L - Lc : L + Lc - 1]
         return F, Lc
 
-    def _input_coeffs_gf(self, x, tables):
-        """Gamma-first input ``[2L-1, 2L-1, B, C, 2L]`` -> full coefficients ``[2Lc-1 (n), 2Lc-1 (m),
-        2 (re/im), B, C, Lc (l)]`` truncated to ``Lc = min(L_in, L_out)`` (computed band-limited)."""
+    def _input_coeffs_gf(self, x, tables, full: bool = True):
+        """Gamma-first input ``[2L-1, 2L-1, B, C, 2L]`` -> coefficients ``[2Lc-1 (n), 2Lc-1 (m),
+        2 (re/im), B, C, Lc (l)]`` truncated to ``Lc = min(L_in, L_out)`` (computed band-limited);
+        with ``full=False`` the half ``n >= 0`` only, ``[Lc, 2Lc-1, 2, B, C, Lc]``."""
         name = type(self).__name__
         _check_bandlimits(name, self.L_in, self.L_out)
         L = self.L_in
@@ -232,7 +233,7 @@ class _SO3Filter(nn.Module):
             )
         Lc = min(self.L_in, self.L_out)
         F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
-        return hm.so3_half_to_full_gf(F), Lc
+        return (hm.so3_half_to_full_gf(F) if full else F), Lc
 
     def _specs(self, out_kind: str) -> dict:
         """Tables: SO(3) forward at ``L_in``, the output transform, the rings' d-matrices."""
@@ -320,6 +321,19 @@ class SO3Conv(_SO3Filter):
         return out + b[:, None].astype(out.dtype)
 
 
+def _all_n_nonneg_m(c: jax.Array) -> jax.Array:
+    """Gamma-first half coefficients ``[N, 2L-1, 2, B, C, L]`` (``n >= 0``, all ``m``) of a real
+    signal -> ``[2N-1, L, 2, B, C, L]``: all ``n``, ``m >= 0`` only, with
+    ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])`` (half of what :func:`sphere_jax.harmonics.so3_half_to_full_gf` writes)."""
+    N, M = c.shape[0], c.shape[1]
+    L = (M + 1) // 2
+    sm = (-1.0) ** np.arange(L)  # m = 0..L-1
+    sn = (-1.0) ** np.arange(N - 1, 0, -1)  # rows n = N-1 .. 1 -> -n
+    sign = (sn[:, None, None] * sm[None, :, None] * np.array([1.0, -1.0])[None, None, :]).astype(np.float32)
+    neg = jnp.flip(c[1:, :L], axis=(0, 1)) * sign[:, :, :, None, None, None]  # F[n, -m], m = 0..L-1
+    return jnp.concatenate([neg, c[:, L - 1 :]], axis=0)
+
+
 class SO3ToS2(_SO3Filter):
     """SO(3) -> S2 layer of the study (block products, sum over the kernel index, inverse S2).
 
@@ -346,7 +360,8 @@ class SO3ToS2(_SO3Filter):
         gf = self.layout == "gamma_first"
         k_all = np.arange(-min(self.L_in, self.L_out) + 1, min(self.L_in, self.L_out))  # G: all k
         if gf:
-            F, Lc = self._input_coeffs_gf(x, tables)  # [n, m, re/im, B, C, l]
+            F, Lc = self._input_coeffs_gf(x, tables, full=False)  # [n >= 0, m, re/im, B, C, l]
+            F = _all_n_nonneg_m(F)  # [n, m >= 0, re/im, B, C, l]: the only part the layer reads
             b, dk, G = self._kernel(x.shape[3], Lc, tables, k_all)
         else:
             F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: k_all)
@@ -358,7 +373,7 @@ class SO3ToS2(_SO3Filter):
         norm = (np.sqrt(4 * np.pi / (2 * l + 1)) * (2 * l + 1) / (8 * np.pi**2)).astype(np.float32)
         kappa = kappa * norm[:, None, None, None]
         if gf:  # (re, im)-stacked product; the band-limited inverse needs no padding
-            h = jnp.einsum("nmrbcl,rslncd->sblmd", F[:, Lc - 1 :], _complex_as_real(kappa))
+            h = jnp.einsum("nmrbcl,rslncd->sblmd", F, _complex_as_real(kappa))
             out = hm.s2_inverse_half(jax.lax.complex(h[0], h[1]), hm.lookup(tables, hm.s2_key(self.L_out, False)))
             return out + b
         h = jnp.einsum("bnlmc,lncd->blmd", F[:, :, :, Lc - 1 :], kappa)
