@@ -99,7 +99,7 @@ def layer_case(case: dict) -> dict:
     "layers": [row, ...]}``, one row per layer: ``layer, kind, L_in, L_out, c_in, c_out, layout``
     (of its SO(3) signals), ``gflop, gb, copy_gb`` (see :func:`copy_gb`), ``fwd_bwd_s`` (median of
     ``repeats``, when timed) and ``compile_s``. The rows' sums leave out only the loss, the input
-    scaling, the optimizer and the model's changes of layout.
+    scaling and the optimizer.
     """
     import jax
     import jax.numpy as jnp

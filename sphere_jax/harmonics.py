@@ -587,17 +587,23 @@ def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32) -> ja
     return out.reshape(K, K, B, C, T)
 
 
-def so3_half_to_full_gf(c: jax.Array) -> jax.Array:
+def so3_half_to_full_gf(c: jax.Array, m_nonneg: bool = False) -> jax.Array:
     """Gamma-first half coefficients ``[N, 2L-1, 2, B, C, L]`` (n >= 0) -> ``[2N-1, 2L-1, 2, B, C, L]``
-    (``n = -(N-1)..N-1``) for a real signal: ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])``."""
+    (``n = -(N-1)..N-1``) for a real signal: ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])``. With
+    ``m_nonneg``, only the orders ``m >= 0``: ``[2N-1, L, 2, B, C, L]`` (half the bytes)."""
     N, M = c.shape[0], c.shape[1]
     L = (M + 1) // 2
-    sm = (-1.0) ** np.abs(np.arange(-L + 1, L))
+    ms = np.arange(L) if m_nonneg else np.arange(-L + 1, L)
+    sm = (-1.0) ** np.abs(ms)
     sn = (-1.0) ** np.arange(N - 1, 0, -1)  # rows n = N-1 .. 1 -> -n
     conj = np.array([1.0, -1.0])
     sign = (sn[:, None, None] * sm[None, :, None] * conj[None, None, :]).astype(np.float32)
-    neg = jnp.flip(c[1:], axis=(0, 1)) * sign[:, :, :, None, None, None]
-    return jnp.concatenate([neg, c], axis=0)
+    if m_nonneg:  # F[n, -m] for m >= 0 are the columns m <= 0, flipped
+        c_neg, c_pos = c[1:, :L], c[:, L - 1 :]
+    else:
+        c_neg, c_pos = c[1:], c
+    neg = jnp.flip(c_neg, axis=(0, 1)) * sign[:, :, :, None, None, None]
+    return jnp.concatenate([neg, c_pos], axis=0)
 
 
 def lookup(tables: Mapping[str, jax.Array], key: str) -> jax.Array:

@@ -321,19 +321,6 @@ class SO3Conv(_SO3Filter):
         return out + b[:, None].astype(out.dtype)
 
 
-def _all_n_nonneg_m(c: jax.Array) -> jax.Array:
-    """Gamma-first half coefficients ``[N, 2L-1, 2, B, C, L]`` (``n >= 0``, all ``m``) of a real
-    signal -> ``[2N-1, L, 2, B, C, L]``: all ``n``, ``m >= 0`` only, with
-    ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])`` (half of what :func:`sphere_jax.harmonics.so3_half_to_full_gf` writes)."""
-    N, M = c.shape[0], c.shape[1]
-    L = (M + 1) // 2
-    sm = (-1.0) ** np.arange(L)  # m = 0..L-1
-    sn = (-1.0) ** np.arange(N - 1, 0, -1)  # rows n = N-1 .. 1 -> -n
-    sign = (sn[:, None, None] * sm[None, :, None] * np.array([1.0, -1.0])[None, None, :]).astype(np.float32)
-    neg = jnp.flip(c[1:, :L], axis=(0, 1)) * sign[:, :, :, None, None, None]  # F[n, -m], m = 0..L-1
-    return jnp.concatenate([neg, c[:, L - 1 :]], axis=0)
-
-
 class SO3ToS2(_SO3Filter):
     """SO(3) -> S2 layer of the study (block products, sum over the kernel index, inverse S2).
 
@@ -361,7 +348,7 @@ class SO3ToS2(_SO3Filter):
         k_all = np.arange(-min(self.L_in, self.L_out) + 1, min(self.L_in, self.L_out))  # G: all k
         if gf:
             F, Lc = self._input_coeffs_gf(x, tables, full=False)  # [n >= 0, m, re/im, B, C, l]
-            F = _all_n_nonneg_m(F)  # [n, m >= 0, re/im, B, C, l]: the only part the layer reads
+            F = hm.so3_half_to_full_gf(F, m_nonneg=True)  # [n, m >= 0, re/im, B, C, l]: all the layer reads
             b, dk, G = self._kernel(x.shape[3], Lc, tables, k_all)
         else:
             F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: k_all)

@@ -322,6 +322,7 @@ def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
     as_ref = lambda c: jnp.transpose(c[:, :, 0] + 1j * c[:, :, 1], (2, 0, 4, 1, 3))
     assert rel(as_ref(g), ref) < 1e-6
     assert rel(as_ref(hm.so3_half_to_full_gf(g)), hm.so3_half_to_full(ref)) < 1e-6
+    assert rel(hm.so3_half_to_full_gf(g, m_nonneg=True), hm.so3_half_to_full_gf(g)[:, Lb - 1 :]) < 1e-6
     back = hm.so3_inverse_gf(g, jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
     assert back.shape == (2 * Ls - 1, 2 * Ls - 1, B, C, 2 * Ls)
     assert rel(hm.from_gamma_first(back), hm.so3_inverse_half(ref, jnp.asarray(hm.so3_table(Ls, Ls, False)))) < 1e-6

@@ -176,18 +176,13 @@ def layer_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _apply_layers(mods, x, tables, relu_last: bool):
-    """Apply layers in order with ReLUs between (and after the last if ``relu_last``). Every
-    layer takes and gives SO(3) signals in its ``layout``; where two consecutive layers' layouts
-    differ, the signal is moved between them. Returns ``(x, layout of x)`` (the last layer's)."""
-    cur = None
+    """Apply layers in order with ReLUs between (and after the last if ``relu_last``). The
+    layers share one ``layout``, so SO(3) signals pass between them as they are."""
     for i, m in enumerate(mods):
-        if cur is not None and m.layout != cur:
-            x = hm.to_gamma_first(x) if m.layout == "gamma_first" else hm.from_gamma_first(x)
         x = m(x, tables)
-        cur = m.layout
         if i < len(mods) - 1 or relu_last:
             x = nn.relu(x)
-    return x, cur
+    return x
 
 
 def _merge_specs(mods):
@@ -217,7 +212,7 @@ class S2CNNSegmenter(nn.Module):
         cfg = self.config
         _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNSegmenter")
         x = _normalize_input(x, cfg.input_norm, cfg.input_rms)
-        x, _ = _apply_layers(_seg_layers(cfg), x, tables, relu_last=False)
+        x = _apply_layers(_seg_layers(cfg), x, tables, relu_last=False)
         return x
 
 
@@ -242,8 +237,9 @@ class S2CNNClassifier(nn.Module):
         cfg = self.config
         _check_input(x, cfg.L_in, cfg.in_channels, "S2CNNClassifier")
         x = _normalize_input(x, cfg.input_norm, cfg.input_rms)
-        x, layout = _apply_layers(_cls_layers(cfg), x, tables, relu_last=True)
-        x = layers.so3_integrate(x, layout)
+        mods = _cls_layers(cfg)
+        x = _apply_layers(mods, x, tables, relu_last=True)
+        x = layers.so3_integrate(x, mods[-1].layout)
         bn = lambda h, i: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}")(h)
         for i, width in enumerate(cfg.mlp):
             if cfg.batchnorm:
