@@ -20,7 +20,13 @@
 #
 #   bash launch/gpu_window_seg.sh TRAIN_S
 #
-# Env: SEG_MODE (input_scale | run0), SCALE_STEPS (default 800), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
+# A device command may run 10 minutes at most, and the benchmarks take about 5 of them: split the
+# window in two calls on the same warm machine (SWEEP persists there):
+#   STAGES=bench bash launch/gpu_window_seg.sh 0
+#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 420   # the winner of call 1
+# Env: STAGES ("bench train"), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
+# fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
+# fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 800), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
 # sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft dft/gamma_first/bfloat16"),
 # DEEP_VARIANTS (the deep classifier timed at L=30, default "dft fft"), PYTHON,
@@ -39,6 +45,7 @@ CLS_ONLY=${CLS_ONLY-1,3,24,26,27,25,28}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-800}
+STAGES=${STAGES:-bench train}
 VARIANTS=${VARIANTS:-dft dft/channels_last fft dft/gamma_first/bfloat16}
 if [ -z "${SKIP_INSTALL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -81,6 +88,8 @@ PY
 }
 : > "$OUT/benchmark.jsonl"
 BASE=${PYTHONPATH:-}
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+if stage bench; then
 for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; done
 if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
 # the deep classifier (the classification grid's costliest model, trained with the GPU default,
@@ -104,6 +113,7 @@ print(json.dumps(row), flush=True)
 PY
   tail -1 "$OUT/benchmark.jsonl" | cut -c1-400
 fi
+fi  # stage bench
 BEST=$($PY - "$OUT/benchmark.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -117,10 +127,11 @@ print(best["transforms"] + " " + best.get("so3_layout", "channels_last"))
 PY
 )
 read -r BEST BEST_LAYOUT <<< "$BEST"
+if [ -n "${BEST_VARIANT:-}" ]; then IFS=/ read -r BEST BEST_LAYOUT <<< "$BEST_VARIANT"; BEST_LAYOUT=${BEST_LAYOUT:-gamma_first}; fi
 export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT SPHERE_JAX_GRID_DTYPE=float32  # layout: read with "dft" only
 # where the step's time and bytes go: each layer's forward + backward alone (one more line of
 # benchmark.jsonl, label "layers-$BEST"); LAYERS=0 skips it (about a minute)
-if [ "${LAYERS:-1}" != 0 ]; then
+if stage bench && [ "${LAYERS:-1}" != 0 ]; then
   SPHERE_JAX_TRANSFORMS=$BEST $PY - "$BEST" "$L" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
 import json, sys
 from sphere_jax import benchmark as b
@@ -135,6 +146,7 @@ fi
 echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT" | tee -a "$OUT/env.txt"
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
+if stage train; then
 common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
 SEG_PIDS=()
 if [ "$SEG_MODE" = run0 ]; then
@@ -175,6 +187,7 @@ while read -r wd; do
 done < "$SWEEP/cut_runs.txt" > "$OUT/interim.log"
 unset SPHERE_JAX_TRANSFORMS
 echo "interim evaluations done after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
+fi  # stage train
 
 # 4. aggregate and pack (7 files in $OUT: env.txt, benchmark.jsonl, sweep_seg.log or
 #    input_scale.log, sweep_cls.log, interim.log, sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with
