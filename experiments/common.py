@@ -10,6 +10,26 @@ FLAGS = flags.FLAGS
 TASK = {}
 
 
+COMPILATION_CACHE_DEFAULT = "~/.cache/sphere_jax/xla"
+
+
+def define_compilation_cache():
+    import os
+
+    env = os.environ.get("SPHERE_JAX_COMPILATION_CACHE", os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    flags.DEFINE_string(
+        "compilation_cache", COMPILATION_CACHE_DEFAULT if env is None else env,
+        "directory of compiled programs shared by runs, so that a resumed run or the next run of the same "
+        "model and shapes does not compile again (default: $SPHERE_JAX_COMPILATION_CACHE, else "
+        f"$JAX_COMPILATION_CACHE_DIR, else {COMPILATION_CACHE_DEFAULT}); '' turns it off")
+
+
+def use_compilation_cache():
+    from sphere_jax import train
+
+    train.enable_compilation_cache(FLAGS.compilation_cache)
+
+
 def define(task: str, default_model: str, models: list[str], default_L: int):
     TASK["name"] = task
     aliases = registry.ALIASES[task]
@@ -45,6 +65,7 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_string("coordinator_address", None, "multi-host: jax.distributed coordinator host:port")
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
     flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+    define_compilation_cache()
 
 
 def config() -> runner.RunConfig:
@@ -84,6 +105,7 @@ def run(task: str):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
+    use_compilation_cache()
     init_distributed()
     try:
         result = runner.fit(config(), FLAGS.workdir)

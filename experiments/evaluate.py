@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import common
 from sphere_jax import runner
 
 flags.DEFINE_string("workdir", None, "run directory written by classify / segment")
@@ -20,6 +21,7 @@ flags.DEFINE_string("digits_npz", None, "--source=npz: .npz with test_images/tes
 flags.DEFINE_string("digits_dir", None, "directory of idx files to use instead of the installed sources")
 flags.DEFINE_string("data_dir", None, "TFDS data directory")
 flags.DEFINE_string("out", "runs/evaluate", "--pretrained: folder of the predictions figure")
+common.define_compilation_cache()
 FLAGS = flags.FLAGS
 
 
@@ -32,6 +34,7 @@ def main(_):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax / tfds log every restore and load at INFO
+    common.use_compilation_cache()
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         fail("give exactly one of --workdir and --pretrained")
     rot = None if FLAGS.test_rotation is None else FLAGS.test_rotation == "so3"

@@ -6,6 +6,8 @@ batch whose size is not a multiple of the device count is rejected with a clear 
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -72,6 +74,31 @@ def targets(batch, task: Task) -> jax.Array:
     """Targets of a stream batch ``(x, labels [B, k], mask [B, H, W])``: ``labels[:, 0]`` or ``mask``."""
     _, labels, mask = batch
     return labels[:, 0] if task == "classify" else mask
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache) so that other
+    processes load them instead of compiling again: a resumed run, the next run of a grid with
+    the same model and shapes (seeds, augmentation levels), a second evaluation. Programs that
+    compile in under a second are not stored (JAX's threshold). The cache is keyed by the
+    program, the compiler options, the jax version and the device, so a hit is the same
+    executable.
+
+    Call before the first compilation of the process. ``path`` (``~`` expanded): a directory,
+    created if missing; ``None`` or ``""``: leave the cache off. Returns the absolute directory
+    in use, or ``None`` (also when it cannot be created: the run goes on without the cache, with
+    a warning).
+    """
+    if not path:
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache off: cannot create {path}: {e}")
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -276,3 +276,34 @@ def test_pretrained_models_round_trip_and_evaluate(tmp_path, monkeypatch):
     np.savez(tmp_path / "zoo" / "tiny" / "variables.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="do not fit"):
         pretrained.load("tiny")
+
+
+def test_compilation_cache_keeps_programs_for_the_next_process(tmp_path):
+    """train.enable_compilation_cache: compiled programs land in the folder (created if missing),
+    '' leaves the cache off, a folder that cannot be created warns and goes on without it; the
+    entry points' --compilation_cache defaults to $SPHERE_JAX_COMPILATION_CACHE."""
+    code = ("import sys, jax, jax.numpy as jnp; from sphere_jax import train; "
+            "print(train.enable_compilation_cache(sys.argv[1])); "
+            "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+    def run(path):
+        return subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300)
+
+    d = tmp_path / "cache" / "xla"
+    r = run(str(d))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == [str(d)]
+    assert len(os.listdir(d)) >= 1
+    r = run("")
+    assert r.returncode == 0 and r.stdout.split() == ["None"], r.stderr[-1500:]
+    (tmp_path / "a_file").write_text("x")
+    r = run(str(tmp_path / "a_file" / "xla"))
+    assert r.returncode == 0 and r.stdout.split() == ["None"], r.stderr[-1500:]
+    assert "compilation cache off" in r.stderr
+    env["SPHERE_JAX_COMPILATION_CACHE"] = "/cc/from_env"  # short: the help text wraps long lines
+    h = subprocess.run([sys.executable, "-m", "experiments.classify", "--helpfull"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert "(default: '/cc/from_env')" in h.stdout
