@@ -85,20 +85,19 @@ def enable_compilation_cache(path: str | None) -> str | None:
     executable.
 
     Call before the first compilation of the process. ``path`` (``~`` expanded): a directory,
-    created if missing; ``None`` or ``""``: leave the cache off. Returns the absolute directory
-    in use, or ``None`` (also when it cannot be created: the run goes on without the cache, with
-    a warning).
+    created if missing; ``None`` or ``""``: the cache off, even where ``JAX_COMPILATION_CACHE_DIR``
+    is set. Returns the absolute directory in use, or ``None`` (also when it cannot be created:
+    the run goes on without the cache, with a warning).
     """
-    if not path:
-        return None
-    path = os.path.abspath(os.path.expanduser(path))
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        warnings.warn(f"compilation cache off: cannot create {path}: {e}")
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+    if path:
+        path = os.path.abspath(os.path.expanduser(path))
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            warnings.warn(f"compilation cache off: cannot create {path}: {e}")
+            path = None
+    jax.config.update("jax_compilation_cache_dir", path or None)
+    return path or None
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -297,8 +297,11 @@ def test_compilation_cache_keeps_programs_for_the_next_process(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     assert r.stdout.split() == [str(d)]
     assert len(os.listdir(d)) >= 1
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_env")  # '' wins over JAX's own variable
     r = run("")
     assert r.returncode == 0 and r.stdout.split() == ["None"], r.stderr[-1500:]
+    assert not os.path.exists(tmp_path / "jax_env") or not os.listdir(tmp_path / "jax_env")
+    env.pop("JAX_COMPILATION_CACHE_DIR")
     (tmp_path / "a_file").write_text("x")
     r = run(str(tmp_path / "a_file" / "xla"))
     assert r.returncode == 0 and r.stdout.split() == ["None"], r.stderr[-1500:]
