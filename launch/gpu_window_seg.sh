@@ -10,10 +10,10 @@
 #   2. with SEG_MODE=input_scale (the default): issue 13's open question before any long
 #      segmentation run, the 204k segmenter at band-limit 50 with inputs as they are (none1) and
 #      RMS-normalised to 60 (rms60, the library's default), SCALE_STEPS steps each, two
-#      processes at once (experiments.input_scale, lr 1e-3, curves in input_scale.log);
-#      with SEG_MODE=run0: run 0 of paper_segmentation (the S2CNN trained NR on MNIST);
-#      either with the fastest variant, beside CLS_ONLY runs of paper_classification (SO(3)
-#      transforms at the GPU default), until TRAIN_S;
+#      processes at once (experiments.input_scale, lr 1e-3, curves in input_scale.log), then
+#      CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU default) in the rest
+#      of TRAIN_S; with SEG_MODE=run0: run 0 of paper_segmentation (the S2CNN trained NR on
+#      MNIST) beside the CLS_ONLY runs, until TRAIN_S; the S2CNN with the fastest variant;
 #   3. evaluates the runs that were cut (latest best checkpoint) on all test digits, both
 #      rotations: interim scores, marked as such by launch.aggregate;
 #   4. aggregates and packs small files (at most 8 come back).
@@ -147,13 +147,16 @@ echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
 if stage train; then
+T_TRAIN=$(date +%s)
 common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
 SEG_PIDS=()
 if [ "$SEG_MODE" = run0 ]; then
   SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only=0 \
     --jobs=1 "${common[@]}" "${SEG_SET[@]}" > "$OUT/sweep_seg.log" 2>&1 &
   SEG_PIDS+=($!)
-else  # one process per variant; each line of input_scale.log starts with its variant
+else  # one process per variant, alone on the GPU (the S2CNN trains 2.8x slower beside other
+      # runs); each line of input_scale.log starts with its variant. The classification runs
+      # get what is left of TRAIN_S.
   mkdir -p "$SWEEP/input_scale"; : > "$OUT/input_scale.log"
   for v in none1 rms60; do
     SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m experiments.input_scale --model=s2cnn_204k \
@@ -162,12 +165,15 @@ else  # one process per variant; each line of input_scale.log starts with its va
       --digits_npz="$PWD/.whl/data/mnist.npz" --out="$SWEEP/input_scale/seg_L${L}_$v" >> "$OUT/input_scale.log" 2>&1 &
     SEG_PIDS+=($!)
   done
+  wait "${SEG_PIDS[@]}"; SEG_PIDS=()
+  echo "input-scale runs stopped after $(( $(date +%s) - T_TRAIN )) s of training time" | tee -a "$OUT/env.txt"
 fi
-if [ -n "$CLS_ONLY" ]; then
-  timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
+CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
+if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
+  timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
     --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" > "$OUT/sweep_cls.log" 2>&1
 fi
-wait "${SEG_PIDS[@]}"
+[ ${#SEG_PIDS[@]} -gt 0 ] && wait "${SEG_PIDS[@]}"
 echo "training stopped after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
 
 # 3. interim scores of the runs that were cut: best checkpoint, all test digits, both rotations
