@@ -354,6 +354,46 @@ def run_case(case: dict) -> dict:
     return out
 
 
+class TrainLoop:
+    """One model's training step, compiled and warmed up, ready to be timed as training runs it:
+    ``steps`` dispatched back to back (JAX's asynchronous dispatch pipelines them) and one wait
+    at the end. Random inputs of shape ``[batch, 2L, 2L-1, 1]``; labels ``[batch]`` (classify)
+    or ``[batch, 2L, 2L-1]`` (segment).
+
+    ``TrainLoop(name, L, batch, warmup=3)``; ``loop.run(steps) -> seconds``.
+    """
+
+    def __init__(self, name: str, L: int, batch: int, warmup: int = 3):
+        import jax
+        import optax
+
+        from sphere_jax import harmonics as hm
+        from sphere_jax import train
+        from sphere_jax.models import registry
+
+        if batch < 1 or warmup < 1:
+            raise ValueError(f"batch and warmup must be >= 1, got {batch}, {warmup}")
+        self._jax = jax
+        model, task = registry.make_model(name, L_in=L)
+        self.tables = hm.build_tables(model.table_specs())
+        k = jax.random.key(0)
+        self.x = jax.random.uniform(k, (batch, 2 * L, 2 * L - 1, 1))
+        self.y = (jax.random.randint(k, (batch,), 0, 10) if task == "classify"
+                  else jax.random.randint(k, (batch, 2 * L, 2 * L - 1), 0, 11))
+        params, model_state = train.split_variables(jax.jit(model.init)(k, self.x[:1], self.tables))
+        self.state = train.TrainState.create(params, optax.adam(1e-3), model_state)
+        self.step = train.make_train_step(model, task)
+        self.run(warmup)
+
+    def run(self, steps: int) -> float:
+        t = time.perf_counter()
+        loss = None
+        for _ in range(steps):
+            self.state, loss = self.step(self.state, self.tables, self.x, self.y)
+        self._jax.block_until_ready((self.state, loss))
+        return time.perf_counter() - t
+
+
 def _transform_rates(L, jax, jnp, hm):
     """SO(3) transform throughput at band-limit ``L``, 16 channels, as GFLOP/s of its contractions."""
     C = 16

@@ -462,3 +462,26 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
     assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/best/10/weights") for n in best)
     assert not any("cnn_5_5m" in n or "checkpoints" in n for n in best)  # 5.5M parameters: too big to ship
     assert pack.main(["--sweep", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_share_check_runs_processes_together_and_sums_their_rates(capsys):
+    """launch.share_check: K workers released at once; the total is the sum of their rates, the
+    K=1 row is the reference (vs_one 1.0); a worker that fails gives an error row, bad --procs a
+    usage error."""
+    from launch import share_check
+
+    assert share_check.main(["--model=cnn_cls_68k", "--L=15", "--procs=1,2", "--seconds=0.3"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["procs"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert len(r["per_proc_steps_per_s"]) == r["procs"]
+        assert min(r["per_proc_steps_per_s"]) > 0
+        assert r["steps_per_s"] == pytest.approx(sum(r["per_proc_steps_per_s"]), abs=0.02)
+        assert r["device"] == "cpu"
+    assert rows[0]["vs_one"] == 1.0
+    assert rows[1]["vs_one"] == pytest.approx(rows[1]["steps_per_s"] / rows[0]["steps_per_s"], abs=1e-3)
+    bad = share_check.measure("no_such_model", 15, 4, 1, 0.1)
+    assert "no_such_model" in bad["error"] and "steps_per_s" not in bad
+    with pytest.raises(SystemExit):
+        share_check.main(["--procs=0"])
