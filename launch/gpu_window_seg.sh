@@ -70,7 +70,7 @@ fi
 bench() {  # bench LABEL PYTHONPATH TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]] COST [MODEL L]
   local tr lay dt; IFS=/ read -r tr lay dt <<< "$3"
   SPHERE_JAX_TRANSFORMS=$tr SPHERE_JAX_SO3_LAYOUT=${lay:-gamma_first} SPHERE_JAX_GRID_DTYPE=${dt:-float32} \
-    PYTHONPATH=$2 $PY - "$1" "${6:-$L}" "$4" "${5:-s2cnn_204k}" <<'PY' 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+    PYTHONPATH=$2 $PY - "$1" "${6:-$L}" "$4" "${5:-s2cnn_204k}" <<'PY' > "$OUT/.bench.out" 2>&1
 import json, os, sys
 from sphere_jax import benchmark as b
 case = dict(model=sys.argv[4], L=int(sys.argv[2]), infer_batches=[32], train_batch=32, repeats=5,
@@ -82,21 +82,47 @@ except Exception as e:  # a variant that does not compile is a result too
 from sphere_jax import harmonics as hm
 row.update(label=sys.argv[1], transforms=os.environ["SPHERE_JAX_TRANSFORMS"],
            so3_layout=getattr(hm, "so3_layout", lambda: "channels_last")(),  # in effect (fft: channels_last)
-           grid_dtype=os.environ["SPHERE_JAX_GRID_DTYPE"])
+           grid_dtype=os.environ["SPHERE_JAX_GRID_DTYPE"], xla_flags=os.environ.get("XLA_FLAGS", ""))
 print(json.dumps(row), flush=True)
 PY
-  tail -1 "$OUT/benchmark.jsonl"
+  if grep -q '^{' "$OUT/.bench.out"; then grep '^{' "$OUT/.bench.out" >> "$OUT/benchmark.jsonl"
+  else  # the process died before its JSON line (a crash outside the try, a kill): a row all the same
+    $PY -c 'import json, sys; print(json.dumps({"label": sys.argv[1], "model": sys.argv[2], "variant": sys.argv[3],
+            "error": "no result: " + open(sys.argv[4]).read()[-300:]}))' "$1" "${5:-s2cnn_204k}" "$3" "$OUT/.bench.out" \
+      >> "$OUT/benchmark.jsonl"
+  fi
+  rm -f "$OUT/.bench.out"
+  tail -1 "$OUT/benchmark.jsonl" | cut -c1-400
+}
+failed() {  # failed LABEL: did the row of LABEL end in an error (or not appear at all)?
+  $PY - "$OUT/benchmark.jsonl" "$1" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rows = [r for r in rows if r.get("label") == sys.argv[2]]
+sys.exit(0 if not rows or "error" in rows[-1] else 1)
+PY
+}
+# a dft variant that does not compile (XLA's Triton GEMM autotuner failed on the classifiers'
+# older dft dots) is tried once more without Triton GEMMs: rows "...-notriton", recorded only
+notriton() {  # notriton LABEL ARGS...: bench again with --xla_gpu_enable_triton_gemm=false if LABEL failed
+  local label=$1; shift
+  if failed "$label"; then
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" bench "$label-notriton" "$@"
+  fi
 }
 : > "$OUT/benchmark.jsonl"
 BASE=${PYTHONPATH:-}
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage bench; then
-for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; done
+for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; [ "${v%%/*}" = dft ] && notriton "after-$v" "$BASE" "$v" 1; done
 if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
 # the deep classifier (the classification grid's costliest model, trained with the GPU default,
 # fft): does gamma-first dft compile for it now (the Triton GEMM autotuner failed on the older
 # channels-last dft dots), and is it faster? Recorded only (label "deep-..."); DEEP_VARIANTS="" skips
-for v in ${DEEP_VARIANTS-dft fft}; do bench "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"; done
+for v in ${DEEP_VARIANTS-dft fft}; do
+  bench "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
+  [ "${v%%/*}" = dft ] && notriton "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
+done
 # the two SO(3) layouts at the GPU's default precision: the same logits? (label "layouts-check";
 # if they differ by 1e-2 of their scale or more, or the check fails, training stays channels-last;
 # LAYOUT_CHECK=0 skips it, about half a minute)
@@ -121,6 +147,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 check = [r for r in rows if r["label"] == "layouts-check"]
 gf_ok = not check or ("error" not in check[-1] and check[-1]["max_rel_diff"] < 1e-2)  # else: train channels-last
 ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r
+      and not r["label"].endswith("-notriton")  # needs an XLA flag that training does not get
       and r.get("grid_dtype", "float32") == "float32"  # bfloat16 grids are timed, not trained with
       and (gf_ok or r.get("so3_layout") != "gamma_first")]
 best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "fft", "so3_layout": "channels_last"}
