@@ -321,6 +321,17 @@ def _latency(row: dict, batch: int) -> tuple[float | None, str | None]:
     return None, None
 
 
+def timing_device(runs: list[dict], g: tuple) -> str | None:
+    """The device that ran most of group ``g``'s timed runs. Step times from different machines
+    (a CPU run beside GPU runs) do not belong on one axis, so the run-timed trade-off figure
+    uses this device's runs only."""
+    counts: dict = {}
+    for r in runs:
+        if group_key(r) == g and r.get("step_seconds"):
+            counts[r.get("device")] = counts.get(r.get("device"), 0) + 1
+    return max(sorted(counts, key=str), key=counts.get) if counts else None
+
+
 def plot_tradeoff(g: tuple, t: dict, runs: list[dict], path: str, bench: dict | None = None, batch: int = 1,
                   test_rotation: str = "R") -> str | None:
     """Best score of each model on ``test_rotation`` digits (over augmentation levels and training
@@ -350,13 +361,15 @@ def plot_tradeoff(g: tuple, t: dict, runs: list[dict], path: str, bench: dict | 
             panels.append((title, pts))
         source = f"benchmark on {next(iter(bench.values())).get('device', '?')}"
     else:
+        device = timing_device(runs, g)
         pts = []
         for model, s in best.items():
-            secs = [r["step_seconds"] for r in runs if group_key(r) == g and r["model"] == model and r["step_seconds"]]
+            secs = [r["step_seconds"] for r in runs if group_key(r) == g and r["model"] == model and r["step_seconds"]
+                    and r.get("device") == device]
             if secs:
                 pts.append((model, float(np.median(secs)), s, model))
         panels = [("training seconds per step, measured in the runs (incl. evaluation)", pts)]
-        source = "the sweep's own timings"
+        source = f"the sweep's own timings on {device or 'an unnamed device'}"
     if not any(p for _, p in panels):
         return None
     from matplotlib import ticker

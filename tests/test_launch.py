@@ -485,3 +485,17 @@ def test_share_check_runs_processes_together_and_sums_their_rates(capsys):
     assert "no_such_model" in bad["error"] and "steps_per_s" not in bad
     with pytest.raises(SystemExit):
         share_check.main(["--procs=0"])
+
+
+def test_tradeoff_timings_come_from_one_device():
+    """Run-timed trade-off figure: the device with most timed runs of the group, so that CPU
+    runs of a grid never share an axis with its GPU runs."""
+    g = ("classify", "mnist", 1, 30)
+    base = dict(task="classify", dataset="mnist", digits_per_image=1, L=30)
+    runs = ([dict(base, device="H200", step_seconds=0.004)] * 3 + [dict(base, device="cpu", step_seconds=0.01)] * 2
+            + [dict(base, L=12, device="cpu", step_seconds=0.01)] * 5 + [dict(base, device="cpu", step_seconds=None)] * 4)
+    assert aggregate.timing_device(runs, g) == "H200"
+    assert aggregate.timing_device(runs, ("classify", "mnist", 1, 12)) == "cpu"
+    assert aggregate.timing_device(runs, ("segment", "mnist", 1, 30)) is None
+    tie = [dict(base, device="b", step_seconds=1.0), dict(base, device="a", step_seconds=1.0)]
+    assert aggregate.timing_device(tie, g) == aggregate.timing_device(tie[::-1], g) == "a"
