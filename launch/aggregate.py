@@ -214,7 +214,8 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
                           "best checkpoint so far; not converged"]
         lines.append("")
     if runs:
-        lines += ["## Every run", "", "| run | score | metrics | steps | train s | s/step |", "|---|---|---|---|---|---|"]
+        lines += ["## Every run", "", "| run | score | metrics | steps | device | train s | s/step |",
+                  "|---|---|---|---|---|---|---|"]
         for r in runs:
             m = r["metrics"]
             if r["task"] == "classify":
@@ -225,7 +226,7 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
             sps = f"{r['step_seconds']:.3f}" if r["step_seconds"] else "-"
             cut = "" if r.get("finished", True) else " (interim: cut before its end)"
             lines.append(f"| {r['workdir']}{cut} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "
-                         f"{r['train_seconds']} | {sps} |")
+                         f"{r.get('device') or '-'} | {r['train_seconds']} | {sps} |")
         lines.append("")
     if unfinished:
         lines += ["## Unfinished (no final test record)", ""] + [f"- {u}" for u in unfinished] + [""]
