@@ -360,30 +360,48 @@ class TrainLoop:
     at the end. Random inputs of shape ``[batch, 2L, 2L-1, 1]``; labels ``[batch]`` (classify)
     or ``[batch, 2L, 2L-1]`` (segment).
 
-    ``TrainLoop(name, L, batch, warmup=3)``; ``loop.run(steps) -> seconds``.
+    ``members=K`` trains K independent copies of the model (initialised from K keys) in one
+    program, ``jax.vmap`` over a leading member axis of the state and the batch
+    (``[K, batch, 2L, 2L-1, 1]``): the way several seeds or augmentation levels of one
+    architecture could share a device. ``members=0``: the plain step.
+
+    ``TrainLoop(name, L, batch, warmup=3, members=0)``; ``loop.run(steps) -> seconds``.
     """
 
-    def __init__(self, name: str, L: int, batch: int, warmup: int = 3):
+    def __init__(self, name: str, L: int, batch: int, warmup: int = 3, members: int = 0):
         import jax
+        import jax.numpy as jnp
         import optax
 
         from sphere_jax import harmonics as hm
         from sphere_jax import train
         from sphere_jax.models import registry
 
-        if batch < 1 or warmup < 1:
-            raise ValueError(f"batch and warmup must be >= 1, got {batch}, {warmup}")
+        if batch < 1 or warmup < 0 or members < 0:
+            raise ValueError(f"batch must be >= 1, warmup and members >= 0, got {batch}, {warmup}, {members}")
         self._jax = jax
         model, task = registry.make_model(name, L_in=L)
         self.tables = hm.build_tables(model.table_specs())
         k = jax.random.key(0)
-        self.x = jax.random.uniform(k, (batch, 2 * L, 2 * L - 1, 1))
-        self.y = (jax.random.randint(k, (batch,), 0, 10) if task == "classify"
-                  else jax.random.randint(k, (batch, 2 * L, 2 * L - 1), 0, 11))
-        params, model_state = train.split_variables(jax.jit(model.init)(k, self.x[:1], self.tables))
-        self.state = train.TrainState.create(params, optax.adam(1e-3), model_state)
-        self.step = train.make_train_step(model, task)
-        self.run(warmup)
+        x = jax.random.uniform(k, (batch, 2 * L, 2 * L - 1, 1))
+        y = (jax.random.randint(k, (batch,), 0, 10) if task == "classify"
+             else jax.random.randint(k, (batch, 2 * L, 2 * L - 1), 0, 11))
+        tx = optax.adam(1e-3)
+
+        def state_of(key):
+            params, model_state = train.split_variables(jax.jit(model.init)(key, x[:1], self.tables))
+            return train.TrainState.create(params, tx, model_state)
+
+        step = train.make_train_step(model, task)
+        if members:
+            states = [state_of(key) for key in jax.random.split(k, members)]
+            self.state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+            self.x, self.y = jnp.stack([x] * members), jnp.stack([y] * members)
+            self.step = jax.jit(jax.vmap(step, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+        else:
+            self.state, self.x, self.y, self.step = state_of(k), x, y, step
+        if warmup:
+            self.run(warmup)
 
     def run(self, steps: int) -> float:
         t = time.perf_counter()

@@ -466,13 +466,13 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
 
 def test_share_check_runs_processes_together_and_sums_their_rates(capsys):
     """launch.share_check: K workers released at once; the total is the sum of their rates, the
-    K=1 row is the reference (vs_one 1.0); a worker that fails gives an error row, bad --procs a
-    usage error."""
+    K=1 row is the reference (vs_one 1.0), a members row counts member-steps; a worker that fails
+    gives an error row, bad --procs a usage error."""
     from launch import share_check
 
-    assert share_check.main(["--model=cnn_cls_68k", "--L=15", "--procs=1,2", "--seconds=0.3"]) == 0
+    assert share_check.main(["--model=cnn_cls_68k", "--L=15", "--procs=1,2", "--members=2", "--seconds=0.3"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [r["procs"] for r in rows] == [1, 2]
+    assert [(r["procs"], r["members"]) for r in rows] == [(1, 0), (2, 0), (1, 2)]
     for r in rows:
         assert "error" not in r, r.get("error")
         assert len(r["per_proc_steps_per_s"]) == r["procs"]
@@ -480,7 +480,8 @@ def test_share_check_runs_processes_together_and_sums_their_rates(capsys):
         assert r["steps_per_s"] == pytest.approx(sum(r["per_proc_steps_per_s"]), abs=0.02)
         assert r["device"] == "cpu"
     assert rows[0]["vs_one"] == 1.0
-    assert rows[1]["vs_one"] == pytest.approx(rows[1]["steps_per_s"] / rows[0]["steps_per_s"], abs=1e-3)
+    for r in rows[1:]:
+        assert r["vs_one"] == pytest.approx(r["steps_per_s"] / rows[0]["steps_per_s"], abs=1e-3)
     bad = share_check.measure("no_such_model", 15, 4, 1, 0.1)
     assert "no_such_model" in bad["error"] and "steps_per_s" not in bad
     with pytest.raises(SystemExit):
