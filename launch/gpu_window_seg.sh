@@ -24,8 +24,9 @@
 # window in two calls on the same warm machine (SWEEP persists there):
 #   STAGES=bench bash launch/gpu_window_seg.sh 0
 #   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 420   # the winner of call 1
-# Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes of the small
-# classification models, SHARE_MODELS, SHARE_PROCS, and with MPS=1 the same under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
+# Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
+# of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
+# processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
 # fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 800), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
@@ -173,12 +174,14 @@ PY
 fi
 echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT" | tee -a "$OUT/env.txt"
 
-# 1b. (STAGES with "share") do several processes on the GPU add throughput for the small models
-# of the classification grid? launch.share_check with 1 and 4 processes (rows "share" in
-# benchmark.jsonl); with MPS=1 again under the MPS daemon (rows "share-mps"), stopped right after.
+# 1b. (STAGES with "share") do several runs on the GPU add throughput for the small models of the
+# classification grid? launch.share_check with 1 and 4 processes, and 4 vmapped copies in one
+# process (rows "share" in benchmark.jsonl); with MPS=1 the processes again under the MPS daemon
+# (rows "share-mps"), stopped right after.
 if stage share; then
   for m in ${SHARE_MODELS:-s2cnn_cls cnn_cls_4m}; do
-    $PY -m launch.share_check --model="$m" --L="$CLS_L" --procs="${SHARE_PROCS:-1,4}" --seconds=5 --label=share \
+    $PY -m launch.share_check --model="$m" --L="$CLS_L" --procs="${SHARE_PROCS:-1,4}" --members="${SHARE_MEMBERS-4}" \
+      --seconds=5 --label=share \
       2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
   done
   if [ -n "${MPS:-}" ] && command -v nvidia-cuda-mps-control > /dev/null; then
