@@ -23,7 +23,8 @@
 # A device command may run 10 minutes at most, and the benchmarks take about 5 of them: split the
 # window in two calls on the same warm machine (SWEEP persists there):
 #   STAGES=bench bash launch/gpu_window_seg.sh 0
-#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 420   # the winner of call 1
+#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 360   # the winner of call 1;
+#   # scoring the cut runs on all test digits and packing take up to ~3 more minutes
 # Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
