@@ -2,9 +2,9 @@
 # One short GPU window for the segmentation study and the S2CNN's speed (a lent H100/H200):
 #   1. times the 204k segmenter's batch-32 training step at band-limit 50 with each SO(3)
 #      transform variant (TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]], default gamma_first, float32; a
-#      bfloat16 variant is timed but never chosen for training), and with the code
+#      bfloat16 variant, if listed, is timed but never chosen for training), and with the code
 #      of BEFORE (a copy of an earlier sphere_jax, if given); the deep classifier's step at
-#      band-limit 30 with dft (gamma-first) and fft (recorded, not acted on);
+#      band-limit 30 with dft, gamma-first (recorded, not acted on);
 #      the two SO(3) layouts' logits compared at the GPU's precision (layouts-check);
 #      then each of its layers alone with the fastest variant (time, GFLOP, GB, layout copies);
 #   2. with SEG_MODE=input_scale (the default): issue 13's open question before any long
@@ -20,19 +20,20 @@
 #
 #   bash launch/gpu_window_seg.sh TRAIN_S
 #
-# A device command may run 10 minutes at most, and the benchmarks take about 5 of them: split the
-# window in two calls on the same warm machine (SWEEP persists there):
+# A device command may run 10 minutes at most and a window has about 15 in all; the benchmarks
+# take about 5 (estimate: ~55 s per 204k variant on an H100, compiles included). Split the window
+# in two calls on the same warm machine (SWEEP persists there):
 #   STAGES=bench bash launch/gpu_window_seg.sh 0
-#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 360   # the winner of call 1;
+#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 300   # the winner of call 1;
 #   # scoring the cut runs on all test digits and packing take up to ~3 more minutes
 # Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
-# fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 800), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
+# fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
-# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft dft/gamma_first/bfloat16"),
-# DEEP_VARIANTS (the deep classifier timed at L=30, default "dft fft"), PYTHON,
+# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft"),
+# DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), PYTHON,
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
@@ -47,9 +48,9 @@ PY=${PYTHON:-python3}
 CLS_ONLY=${CLS_ONLY-1,3,24,26,27,25,28}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
-SCALE_STEPS=${SCALE_STEPS:-800}
+SCALE_STEPS=${SCALE_STEPS:-600}
 STAGES=${STAGES:-bench train}
-VARIANTS=${VARIANTS:-dft dft/channels_last fft dft/gamma_first/bfloat16}
+VARIANTS=${VARIANTS:-dft dft/channels_last fft}  # add dft/gamma_first/bfloat16 where a window has time
 if [ -z "${SKIP_INSTALL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -121,7 +122,7 @@ if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" 
 # the deep classifier (the classification grid's costliest model, trained with the GPU default,
 # fft): does gamma-first dft compile for it now (the Triton GEMM autotuner failed on the older
 # channels-last dft dots), and is it faster? Recorded only (label "deep-..."); DEEP_VARIANTS="" skips
-for v in ${DEEP_VARIANTS-dft fft}; do
+for v in ${DEEP_VARIANTS-dft}; do  # fft: 13.0 ms per step on the H200 (results/classification)
   bench "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
   [ "${v%%/*}" = dft ] && notriton "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
 done
