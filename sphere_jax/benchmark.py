@@ -361,9 +361,9 @@ class TrainLoop:
     or ``[batch, 2L, 2L-1]`` (segment).
 
     ``members=K`` trains K independent copies of the model (initialised from K keys) in one
-    program, ``jax.vmap`` over a leading member axis of the state and the batch
-    (``[K, batch, 2L, 2L-1, 1]``): the way several seeds or augmentation levels of one
-    architecture could share a device. ``members=0``: the plain step.
+    program, ``jax.vmap`` over a leading member axis of the state, the inputs
+    (``[K, batch, 2L, 2L-1, 1]``) and the labels (``[K, ...]``): the way several seeds or
+    augmentation levels of one architecture could share a device. ``members=0``: the plain step.
 
     ``TrainLoop(name, L, batch, warmup=3, members=0)``; ``loop.run(steps) -> seconds``.
     """
