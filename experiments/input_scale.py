@@ -106,7 +106,7 @@ def run_variant(variant, images, labels, test):
             print(variant, json.dumps(curve[-1]), flush=True)
     rot = pipeline.StreamConfig(L=FLAGS.L, batch_size=FLAGS.batch_size, rotate=True)
     t = runner.evaluate_params(predict, task, state.variables, tables, test[0][:FLAGS.n_test], test[1][:FLAGS.n_test], rot, 2)
-    print(variant, json.dumps({"test_R": t, "n_test": len(test[0][:FLAGS.n_test])}, default=float), flush=True)
+    print(variant, json.dumps({"test_R": t, "n_test": len(test[0][:FLAGS.n_test])}), flush=True)
     return {"variant": variant, "curve": curve, "test_R": t, "seconds": round(time.time() - t0, 1)}
 
 

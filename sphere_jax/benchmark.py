@@ -270,6 +270,17 @@ def study_L(name: str, reduced: bool = False) -> int:
     return max(12 if seg else 10, min_L(name))
 
 
+def _random_batch(task: str, L: int, batch: int, key):
+    """Random inputs ``[batch, 2L, 2L-1, 1]`` and labels (``[batch]`` classes, or
+    ``[batch, 2L, 2L-1]`` pixel classes) to time a training step with."""
+    import jax
+
+    x = jax.random.uniform(key, (batch, 2 * L, 2 * L - 1, 1))
+    y = (jax.random.randint(key, (batch,), 0, 10) if task == "classify"
+         else jax.random.randint(key, (batch, 2 * L, 2 * L - 1), 0, 11))
+    return x, y
+
+
 def run_case(case: dict) -> dict:
     """Measure one model. ``case``: name, L, batch sizes for inference, train batch, repeats."""
     import jax
@@ -313,12 +324,7 @@ def run_case(case: dict) -> dict:
     if tb:
         step = train.make_train_step(model, task)
         state = train.TrainState.create(params, optax.adam(1e-3), model_state)
-        x = jax.random.uniform(key, (tb, 2 * L, 2 * L - 1, 1))
-        y = (
-            jax.random.randint(key, (tb,), 0, 10)
-            if task == "classify"
-            else jax.random.randint(key, (tb, 2 * L, 2 * L - 1), 0, 11)
-        )
+        x, y = _random_batch(task, L, tb, key)
         holder = {"s": state}
 
         def one():
@@ -383,13 +389,12 @@ class TrainLoop:
         model, task = registry.make_model(name, L_in=L)
         self.tables = hm.build_tables(model.table_specs())
         k = jax.random.key(0)
-        x = jax.random.uniform(k, (batch, 2 * L, 2 * L - 1, 1))
-        y = (jax.random.randint(k, (batch,), 0, 10) if task == "classify"
-             else jax.random.randint(k, (batch, 2 * L, 2 * L - 1), 0, 11))
+        x, y = _random_batch(task, L, batch, k)
         tx = optax.adam(1e-3)
+        init = jax.jit(model.init)  # compiled once for all members
 
         def state_of(key):
-            params, model_state = train.split_variables(jax.jit(model.init)(key, x[:1], self.tables))
+            params, model_state = train.split_variables(init(key, x[:1], self.tables))
             return train.TrainState.create(params, tx, model_state)
 
         step = train.make_train_step(model, task)
