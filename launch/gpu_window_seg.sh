@@ -21,10 +21,10 @@
 #   bash launch/gpu_window_seg.sh TRAIN_S
 #
 # A device command may run 10 minutes at most and a window has about 15 in all; the benchmarks
-# take about 5 (estimate: ~55 s per 204k variant on an H100, compiles included). Split the window
+# take about 6 (estimate: ~55 s per 204k variant on an H100, compiles included). Split the window
 # in two calls on the same warm machine (SWEEP persists there):
 #   STAGES=bench bash launch/gpu_window_seg.sh 0
-#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 300   # the winner of call 1;
+#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 270   # the winner of call 1;
 #   # scoring the cut runs on all test digits and packing take up to ~3 more minutes
 # Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
@@ -33,7 +33,9 @@
 # fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
 # sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft"),
-# DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), PYTHON,
+# DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), CALLS_MODELS / CALLS_KS (the
+# run loop timed with K training steps per compiled call, default "s2cnn_cls cnn_cls_68k
+# s2cnn_cls_deep" / "1,16"), STEPS_PER_CALL (K for the train stage's runs, default 1), PYTHON,
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
@@ -64,10 +66,12 @@ cat "$OUT/env.txt"
 if [ -n "${SMOKE:-}" ]; then
   L=12; CLS_L=30; SEG_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=8 --set n_test=64)
   CLS_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=30 --set n_test=64)
-  EVAL_N=64; SCALE_STEPS=${SMOKE_STEPS:-6}
+  EVAL_N=64; SCALE_STEPS=${SMOKE_STEPS:-6}; CALLS_SET=(--steps=4 --rounds=1); CALLS_KS=${CALLS_KS:-1,2}
+  CALLS_MODELS=${CALLS_MODELS-cnn_cls_68k}
 else
-  L=50; CLS_L=30; SEG_SET=(); CLS_SET=(); EVAL_N=0
+  L=50; CLS_L=30; SEG_SET=(); CLS_SET=(); EVAL_N=0; CALLS_SET=()
 fi
+export SPHERE_JAX_STEPS_PER_CALL=${STEPS_PER_CALL:-1}  # every training run of the train stage
 
 # 1. the segmenter's training step per variant (and before), one process each, nothing else running
 bench() {  # bench LABEL PYTHONPATH TRANSFORMS[/SO3_LAYOUT[/GRID_DTYPE]] COST [MODEL L]
@@ -125,6 +129,16 @@ if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" 
 for v in ${DEEP_VARIANTS-dft}; do  # fft: 13.0 ms per step on the H200 (results/classification)
   bench "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
   [ "${v%%/*}" = dft ] && notriton "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
+done
+# the run loop with 1 and with 16 training steps per compiled call (batches made inside the call):
+# how much of a small classifier's run loop is the host's work (batch, dispatch) rather than its
+# step (1.06 ms for the Cohen classifier alone on the H200)? Rows "steps-per-call"
+# (launch.steps_per_call_check); the train stage uses STEPS_PER_CALL. CALLS_MODELS="" skips it
+for m in ${CALLS_MODELS-s2cnn_cls cnn_cls_68k s2cnn_cls_deep}; do
+  $PY -m launch.steps_per_call_check --model="$m" --L="$CLS_L" --ks="${CALLS_KS:-1,16}" "${CALLS_SET[@]}" \
+    --source=npz --digits_npz="$PWD/.whl/data/mnist.npz" --n_train=0 --label=steps-per-call 2>&1 \
+    | grep '^{' >> "$OUT/benchmark.jsonl"
+  grep '"label": "steps-per-call"' "$OUT/benchmark.jsonl" | tail -2 | cut -c1-300
 done
 # the two SO(3) layouts at the GPU's default precision: the same logits? (label "layouts-check";
 # if they differ by 1e-2 of their scale or more, or the check fails, training stays channels-last;

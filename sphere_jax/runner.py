@@ -322,9 +322,9 @@ class _Progress:
             self.bar = tqdm(total=total, initial=start, desc=f"{name} train", unit="step", dynamic_ncols=True,
                             file=self.stream)
 
-    def step(self):
+    def step(self, n: int = 1):
         if self.bar:
-            self.bar.update(1)
+            self.bar.update(n)
 
     def evaluated(self, step: int, loss: float, score_name: str, score: float):
         if self.bar:
@@ -367,19 +367,32 @@ def _initial_variables(setup: RunSetup, key) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, src)
 
 
-def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int | None = None,
-        _term_at_step: int | None = None) -> dict:
+def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int | None = None,
+        _kill_at_step: int | None = None, _term_at_step: int | None = None) -> dict:
     """Train (or resume) the run in ``workdir``; returns the final test metrics.
+
+    ``steps_per_call`` (``K``): training steps per compiled call. ``K > 1`` runs ``K`` steps at a
+    time in one program that also makes their batches on device (:func:`train.make_train_chunk`),
+    so the host does nothing between them; the steps left before an evaluation, a checkpoint or
+    an epoch's end run one at a time. Same batches, same updates; floats may differ from ``K = 1``
+    in the last bits (another compiled program). ``None``: :func:`default_steps_per_call`. A run
+    resumed with the same ``K`` repeats an uninterrupted one exactly.
 
     At the end the best checkpoint is evaluated on the test digits with the run's test rotation
     (the returned record) and with the other one (canonical <-> rotated), both appended to
     ``metrics.jsonl``. SIGTERM (a preemption, ``launch.run_grid`` stopping at its budget) ends
-    the current step, saves the latest checkpoint, logs ``{"preempted": ...}`` and raises
+    the current step (or call of ``K`` steps), saves the latest checkpoint, logs ``{"preempted": ...}`` and raises
     :class:`Preempted`; the same call resumes from there. ``_kill_at_step`` / ``_term_at_step``
     (tests only) SIGKILL the process right after that step's checkpoint / SIGTERM it after that
     step.
     """
     cfg.validate()
+    K = default_steps_per_call() if steps_per_call is None else int(steps_per_call)
+    if K < 1:
+        raise RunError(f"--steps_per_call must be >= 1, got {K}")
+    if K > 1 and jax.process_count() > 1:
+        raise RunError("--steps_per_call > 1 works on one host only (its batches are made from this host's "
+                       "digits); use 1 with jax.distributed")
     workdir = os.path.abspath(workdir)
     setup = RunSetup.build(cfg)
     task, mesh = setup.task, setup.mesh
@@ -415,6 +428,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
         train_seconds = _seconds_from_log(workdir, int(restored["step"]))
     state = train.replicate(mesh, state)
     step_fn = train.make_train_step(setup.model, task)
+    chunk_fn = train.make_train_chunk(setup.model, task, stream.batch_of, mesh) if K > 1 else None
 
     start = int(state.step)
     _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
@@ -425,19 +439,28 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     losses = []
     stopped_early = cfg.patience and bad_evals >= cfg.patience
     with _SigtermFlag() as preempted:
-        for step in range(start, 0 if stopped_early else cfg.steps):
-            batch = stream.batch(step)
-            x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
-            state, loss = step_fn(state, setup.tables, x, y)
+        done = start
+        while done < (start if stopped_early else cfg.steps):
+            step = done
+            n = min(K, _segment_end(step, cfg, stream.steps_per_epoch) - step)
+            if n == K > 1:  # K steps in one call, batches made on device
+                state, loss = chunk_fn(state, setup.tables, stream.data, stream.epoch_order(step),
+                                       jnp.arange(step, step + K, dtype=jnp.int32))
+            else:
+                n = 1
+                batch = stream.batch(step)
+                x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
+                state, loss = step_fn(state, setup.tables, x, y)
+                loss = loss[None]
             losses.append(loss)
-            done = step + 1
-            bar.step()
+            done = step + n
+            bar.step(n)
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                mean_loss = float(jnp.mean(jnp.stack(losses)))
+                mean_loss = float(jnp.mean(jnp.concatenate(losses)))
                 losses = []
                 hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
                 score = _score(task, hold)
-                rec = {"step": done, "epoch": stream.epoch_of(step), "epochs": round(done / stream.steps_per_epoch, 3),
+                rec = {"step": done, "epoch": stream.epoch_of(done - 1), "epochs": round(done / stream.steps_per_epoch, 3),
                        "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
                 _append_jsonl(workdir, rec)
                 bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
@@ -454,7 +477,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
                     os.kill(os.getpid(), 9)
             if stopped_early:
                 break
-            if _term_at_step is not None and done == _term_at_step:
+            if _term_at_step is not None and step < _term_at_step <= done:
                 os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
             if preempted.raised:
                 if latest.latest_step() != done:
@@ -469,6 +492,23 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, _kill_at_step: int 
     evaluate_workdir(workdir, test_rotate=other.test_rotate, setup=setup.with_config(other), write_summary=False,
                      extra=end)
     return result
+
+
+def default_steps_per_call() -> int:
+    """Training steps per compiled call when ``fit`` is not told: ``$SPHERE_JAX_STEPS_PER_CALL``
+    if set, else 1."""
+    value = os.environ.get("SPHERE_JAX_STEPS_PER_CALL", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise RunError(f"$SPHERE_JAX_STEPS_PER_CALL must be an integer >= 1, got {value!r}") from None
+
+
+def _segment_end(step: int, cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The first step after ``step`` where the host has work: an evaluation, a checkpoint, the end
+    of an epoch (a new order) or the last step."""
+    after = lambda every: (step // every + 1) * every
+    return min(after(cfg.eval_every), after(cfg.checkpoint_every), after(steps_per_epoch), cfg.steps)
 
 
 class _SigtermFlag:

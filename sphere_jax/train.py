@@ -122,12 +122,8 @@ def replicate(mesh: Mesh, tree):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def make_train_step(model: nn.Module, task: Task) -> Callable:
-    """``step(state, tables, x, y) -> (state, loss)``, jit-compiled; donate the old state.
-
-    A model with a ``model_state`` (BatchNorm statistics) is called with ``train=True`` and its
-    state collections mutable; the updated statistics go into the new state.
-    """
+def _train_step(model: nn.Module, task: Task) -> Callable:
+    """The uncompiled ``step(state, tables, x, y) -> (state, loss)`` of :func:`make_train_step`."""
 
     def step(state: TrainState, tables, x, y):
         def loss_of(params):
@@ -144,7 +140,44 @@ def make_train_step(model: nn.Module, task: Task) -> Callable:
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              model_state=dict(new_state)), loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
+
+
+def make_train_step(model: nn.Module, task: Task) -> Callable:
+    """``step(state, tables, x, y) -> (state, loss)``, jit-compiled; donate the old state.
+
+    A model with a ``model_state`` (BatchNorm statistics) is called with ``train=True`` and its
+    state collections mutable; the updated statistics go into the new state.
+    """
+    return jax.jit(_train_step(model, task), donate_argnums=(0,))
+
+
+def make_train_chunk(model: nn.Module, task: Task, batch_of: Callable, mesh: Mesh | None = None) -> Callable:
+    """``chunk(state, tables, data, order, steps) -> (state, losses)``: ``K = len(steps)``
+    training steps in one compiled call (a ``lax.scan``), each generating its own batch on device
+    with ``batch_of(data, step, order) -> (x, labels, mask)``
+    (:meth:`sphere_jax.data.pipeline.DigitStream.batch_of`).
+
+    The same steps as ``K`` calls of :func:`make_train_step` on ``stream.batch(step)``, without
+    the host's work between steps (dispatch, data call, transfer), which can be much of a small
+    model's step. ``steps``: ``int32 [K]``, all of one epoch (``order`` is that epoch's); ``losses``:
+    ``float32 [K]``. With a ``mesh``, each batch is sharded over its data axis. The old state is
+    donated; one compilation per ``K``.
+    """
+    step_fn = _train_step(model, task)
+    sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+
+    def chunk(state: TrainState, tables, data, order, steps):
+        def body(state, step):
+            batch = batch_of(data, step, order)
+            x, y = batch[0], targets(batch, task)
+            if sharding is not None:
+                x, y = jax.lax.with_sharding_constraint((x, y), sharding)
+            return step_fn(state, tables, x, y)
+
+        return jax.lax.scan(body, state, steps)
+
+    return jax.jit(chunk, donate_argnums=(0,))
 
 
 def make_predict(model: nn.Module) -> Callable:

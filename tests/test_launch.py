@@ -500,3 +500,24 @@ def test_tradeoff_timings_come_from_one_device():
     assert aggregate.timing_device(runs, ("segment", "mnist", 1, 30)) is None
     tie = [dict(base, device="b", step_seconds=1.0), dict(base, device="a", step_seconds=1.0)]
     assert aggregate.timing_device(tie, g) == aggregate.timing_device(tie[::-1], g) == "a"
+
+
+def test_steps_per_call_check_times_each_k_of_the_run_loop(capsys):
+    """launch.steps_per_call_check: one row per K, K=1 the reference (vs_one 1.0, the others
+    its time over theirs); steps that no K divides, or a bad model, give an error row."""
+    from launch import steps_per_call_check as spc
+
+    assert spc.main(["--model=cnn_cls_68k", "--L=15", "--ks=1,2", "--steps=4", "--rounds=1", "--n_train=200",
+                     "--label=t"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["steps_per_call"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["ms_per_step"] > 0 and r["compile_s"] > 0 and r["steps"] == 4 and r["label"] == "t"
+        assert r["device"] == "cpu"
+    assert rows[0]["vs_one"] == 1.0
+    assert rows[1]["vs_one"] == pytest.approx(rows[0]["ms_per_step"] / rows[1]["ms_per_step"], rel=1e-2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        spc.measure("cnn_cls_68k", 15, [1, 2], steps=3)
+    assert spc.main(["--model=no_such_model", "--ks=1,2"]) == 1
+    assert "no_such_model" in json.loads(capsys.readouterr().out)["error"]

@@ -20,8 +20,8 @@ TINY_SEG = runner.RunConfig(
 )
 
 
-def _run(workdir, cfg, kill=None, devices=1, term=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+def _run(workdir, cfg, kill=None, devices=1, term=None, steps_per_call=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, SPHERE_JAX_STEPS_PER_CALL=str(steps_per_call))
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, os.path.join(HERE, "run_fit.py"), str(workdir), json.dumps(dataclasses.asdict(cfg))]
@@ -65,6 +65,19 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     r = _run(termed, TINY_SEG)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(a, _params(termed, 8))
+    # two steps per compiled call (every stretch between checkpoints is one call): the same
+    # training up to float rounding; preempted after the first call and resumed, exactly the same
+    two, two_termed = tmp_path / "two_per_call", tmp_path / "two_per_call_termed"
+    r = _run(two, TINY_SEG, steps_per_call=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_allclose([rec["train_loss"] for rec in _records(two) if "train_loss" in rec],
+                               [rec["train_loss"] for rec in _records(full) if "train_loss" in rec], rtol=1e-5)
+    np.testing.assert_allclose(_params(two, 8), a, rtol=1e-4, atol=1e-6)
+    r = _run(two_termed, TINY_SEG, term=1, steps_per_call=2)
+    assert r.returncode == 143 and "stopped by SIGTERM after step 2 of 8" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _run(two_termed, TINY_SEG, steps_per_call=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(_params(two, 8), _params(two_termed, 8))
     # the training clock continues from the preemption, not from the last evaluation
     recs = _records(termed)
     cut = [rec["preempted"]["seconds"] for rec in recs if "preempted" in rec][0]
@@ -95,6 +108,12 @@ def test_one_and_two_devices_follow_the_same_trajectory(tmp_path):
     assert len(l1) == 4
     np.testing.assert_allclose(l1, l2, rtol=1e-4)
     np.testing.assert_allclose(_params(tmp_path / "one", 8), _params(tmp_path / "two", 8), atol=1e-4)
+    # two steps per compiled call, batches made and sharded on device
+    r4 = _run(tmp_path / "two_per_call", cfg, devices=2, steps_per_call=2)
+    assert r4.returncode == 0, r4.stderr[-1500:]
+    l4 = [rec["train_loss"] for rec in _records(tmp_path / "two_per_call") if "train_loss" in rec]
+    np.testing.assert_allclose(l1, l4, rtol=1e-4)
+    np.testing.assert_allclose(_params(tmp_path / "one", 8), _params(tmp_path / "two_per_call", 8), atol=1e-4)
     # a batch that does not split over 2 devices is refused with a clear message
     r3 = _run(tmp_path / "odd", dataclasses.replace(cfg, batch_size=7), devices=2)
     assert r3.returncode == 3 and "not divisible by the 2 devices" in r3.stdout
@@ -139,6 +158,13 @@ def test_segmenters_learn(tmp_path, model, L, min_miou_digits):
 
 
 def test_bad_inputs(tmp_path, monkeypatch):
+    with pytest.raises(runner.RunError, match="--steps_per_call must be >= 1, got 0"):
+        runner.fit(TINY_SEG, str(tmp_path / "k"), progress=False, steps_per_call=0)
+    monkeypatch.setenv("SPHERE_JAX_STEPS_PER_CALL", "many")
+    with pytest.raises(runner.RunError, match="SPHERE_JAX_STEPS_PER_CALL must be an integer"):
+        runner.fit(TINY_SEG, str(tmp_path / "k"), progress=False)
+    monkeypatch.delenv("SPHERE_JAX_STEPS_PER_CALL")
+    assert not os.path.exists(tmp_path / "k")  # refused before anything is written
     with pytest.raises(runner.RunError, match="unknown model 'nope'"):
         runner.fit(dataclasses.replace(TINY_SEG, model="nope"), str(tmp_path / "a"), progress=False)
     with pytest.raises(runner.RunError, match="unknown dataset"):

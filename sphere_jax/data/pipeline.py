@@ -105,12 +105,11 @@ class DigitStream:
             raise ValueError(
                 f"{self.n} digits x {copies} copies cannot fill one batch of {config.batch_size} x {k} digits"
             )
-        self._images = jnp.asarray(images)
-        self._labels = jnp.asarray(labels, jnp.int32)
+        self.data = (jnp.asarray(images), jnp.asarray(labels, jnp.int32))  # the digits, on device
         key = jax.random.key(seed)
         self._order_key, self._rot_key = jax.random.split(key)
         self._copies = copies
-        self._batch = jax.jit(self._make_batch)
+        self._batch = jax.jit(self.batch_of)
         self._order = jax.jit(
             lambda epoch: jax.random.permutation(jax.random.fold_in(self._order_key, epoch), self.items_per_epoch)
         )
@@ -149,18 +148,22 @@ class DigitStream:
             return jax.vmap(rotations.random_rotations)(keys).reshape(shape + (3, 3))
         return rotations.identity_rotations(shape)
 
-    def _make_batch(self, step, order):
+    def batch_of(self, data, step, order):
+        """Traceable form of :meth:`batch`, for a compiled loop over steps: ``data`` is
+        :attr:`data` (``uint8 [n, 28, 28]``, ``int32 [n]``), ``step`` an int32 scalar and ``order``
+        ``int32 [n * copies]`` the order of the step's epoch (:meth:`epoch_order`)."""
         cfg = self.config
         shape = (cfg.batch_size, cfg.digits_per_image)
         digit, _ = self._items(step, order)
         rots = self._rotations(step, order)
-        imgs = self._images[digit].reshape(shape + (28, 28))
-        labs = self._labels[digit].reshape(shape)
+        imgs = data[0][digit].reshape(shape + (28, 28))
+        labs = data[1][digit].reshape(shape)
         x, mask = sphere.spherical_batch(imgs, labs, rots, L=cfg.L, threshold=cfg.threshold,
                                          digit_scale=cfg.digit_scale)
         return x, labs, mask
 
-    def _order_of(self, step: int):
+    def epoch_order(self, step: int) -> jax.Array:
+        """``int32 [n * copies]``: the shuffled (digit, copy) items of the epoch of ``step``."""
         epoch = int(step) // self.steps_per_epoch
         if self._cached_order[0] != epoch:
             self._cached_order = (epoch, self._order(jnp.asarray(epoch, jnp.int32)))
@@ -169,11 +172,11 @@ class DigitStream:
     def rotations(self, step: int) -> jax.Array:
         """The rotations ``[B, k, 3, 3]`` of the batch of ``step`` (digit centres: see
         :func:`sphere_jax.data.sphere.digit_centre`)."""
-        return jax.jit(self._rotations)(jnp.asarray(step, jnp.int32), self._order_of(step))
+        return jax.jit(self._rotations)(jnp.asarray(step, jnp.int32), self.epoch_order(step))
 
     def batch(self, step: int):
         """The batch of global step ``step`` (any order, any number of times, same result)."""
-        return self._batch(jnp.asarray(step, jnp.int32), self._order_of(step))
+        return self._batch(self.data, jnp.asarray(step, jnp.int32), self.epoch_order(step))
 
     def epoch_of(self, step: int) -> int:
         return int(step) // self.steps_per_epoch

@@ -1,0 +1,60 @@
+"""Compiled training loops: several steps per call against one step per call."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sphere_jax import train
+
+
+class _BatchNormNet(nn.Module):
+    """Dense -> BatchNorm -> ReLU -> Dense: a model with a ``batch_stats`` state."""
+
+    @nn.compact
+    def __call__(self, x, tables, train: bool = False):
+        x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+def _batch_of(data, step, order):
+    """A stream-like pure batch function: rows ``order[8 * step : 8 * step + 8]`` of the data."""
+    idx = jax.lax.dynamic_slice_in_dim(order, step * 8, 8)
+    labels = data[1][idx]
+    return data[0][idx], labels[:, None], jnp.zeros((8, 1, 1), jnp.int32)
+
+
+def test_chunk_of_steps_follows_single_steps_with_model_state():
+    model = _BatchNormNet()
+    rng = np.random.default_rng(0)
+    data = (jnp.asarray(rng.normal(size=(64, 6, 5, 1)).astype(np.float32) * 3 + 1),
+            jnp.asarray(rng.integers(0, 10, 64).astype(np.int32)))
+    order = jnp.asarray(rng.permutation(64).astype(np.int32))
+    params, model_state = train.split_variables(model.init(jax.random.key(0), data[0][:8], None, train=False))
+    assert "batch_stats" in model_state
+
+    def fresh():  # copies: the steps donate (delete) their input state
+        copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+        return train.TrainState.create(copy(params), optax.adam(1e-2), copy(model_state))
+
+    step = train.make_train_step(model, "classify")
+    a, losses_a = fresh(), []
+    for s in range(6):
+        x, labels, mask = _batch_of(data, s, order)
+        a, loss = step(a, None, x, train.targets((x, labels, mask), "classify"))
+        losses_a.append(float(loss))
+
+    chunk = train.make_train_chunk(model, "classify", _batch_of)
+    b, losses_b = fresh(), []
+    for s0 in (0, 3):  # two calls of 3 steps
+        b, losses = chunk(b, None, data, order, jnp.arange(s0, s0 + 3, dtype=jnp.int32))
+        assert losses.shape == (3,)
+        losses_b += [float(v) for v in losses]
+    assert int(b.step) == 6
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+    flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(flat(b.params), flat(a.params), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flat(b.model_state), flat(a.model_state), rtol=1e-5, atol=1e-6)
+    # the statistics moved: the chunk carries the model state from step to step
+    assert not np.allclose(flat(b.model_state), flat(model_state))
