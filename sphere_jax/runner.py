@@ -376,7 +376,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     so the host does nothing between them; the steps left before an evaluation, a checkpoint or
     an epoch's end run one at a time. Same batches, same updates; floats may differ from ``K = 1``
     in the last bits (another compiled program). ``None``: :func:`default_steps_per_call`. A run
-    resumed with the same ``K`` repeats an uninterrupted one exactly.
+    resumed with the same ``K`` makes the same calls as an uninterrupted one.
 
     At the end the best checkpoint is evaluated on the test digits with the run's test rotation
     (the returned record) and with the other one (canonical <-> rotated), both appended to
@@ -442,12 +442,11 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         done = start
         while done < (start if stopped_early else cfg.steps):
             step = done
-            n = min(K, _segment_end(step, cfg, stream.steps_per_epoch) - step)
-            if n == K > 1:  # K steps in one call, batches made on device
+            n = _steps_in_call(step, K, cfg, stream.steps_per_epoch)
+            if n > 1:  # K steps in one call, batches made on device
                 state, loss = chunk_fn(state, setup.tables, stream.data, stream.epoch_order(step),
                                        jnp.arange(step, step + K, dtype=jnp.int32))
             else:
-                n = 1
                 batch = stream.batch(step)
                 x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
                 state, loss = step_fn(state, setup.tables, x, y)
@@ -504,11 +503,13 @@ def default_steps_per_call() -> int:
         raise RunError(f"$SPHERE_JAX_STEPS_PER_CALL must be an integer >= 1, got {value!r}") from None
 
 
-def _segment_end(step: int, cfg: RunConfig, steps_per_epoch: int) -> int:
-    """The first step after ``step`` where the host has work: an evaluation, a checkpoint, the end
-    of an epoch (a new order) or the last step."""
+def _steps_in_call(step: int, K: int, cfg: RunConfig, steps_per_epoch: int) -> int:
+    """How many steps the call starting at ``step`` trains: ``K`` if as many are left before the
+    host's next work (an evaluation, a checkpoint, an epoch's end: a new order, the last step),
+    else 1. A function of ``step`` alone, so a resumed run makes the same calls."""
     after = lambda every: (step // every + 1) * every
-    return min(after(cfg.eval_every), after(cfg.checkpoint_every), after(steps_per_epoch), cfg.steps)
+    end = min(after(cfg.eval_every), after(cfg.checkpoint_every), after(steps_per_epoch), cfg.steps)
+    return K if end - step >= K else 1
 
 
 class _SigtermFlag:
