@@ -67,7 +67,8 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
     flags.DEFINE_integer("steps_per_call", None, "training steps per compiled call, batches made on device "
                          "(default: $SPHERE_JAX_STEPS_PER_CALL, else 1); the same training up to float rounding, "
-                         "faster where the host's work between steps shows (see BUILD_NOTES.md)")
+                         "faster where the host's work between steps shows (see BUILD_NOTES.md); steps before an "
+                         "evaluation, checkpoint or epoch end that do not fill a call run one at a time")
     define_compilation_cache()
 
 

@@ -3,7 +3,8 @@
     python -m launch.steps_per_call_check --model=s2cnn_cls --L=30 --ks=1,16 [--source=npz --digits_npz=F]
 
 Times the training loop as ``sphere_jax.runner.fit`` runs it, batches from the real data
-pipeline included: ``K = 1`` makes each batch with ``DigitStream.batch`` and calls the compiled
+pipeline included (rotated digits, one fixed rotated copy each, as the grid's R runs with
+augmentation 1): ``K = 1`` makes each batch with ``DigitStream.batch`` and calls the compiled
 step (one host round per step); ``K > 1`` calls ``train.make_train_chunk`` once per ``K`` steps,
 the batches made inside the compiled loop. No evaluations, no checkpoints. Each K is compiled
 and warmed up, then the Ks are timed in turn, ``--rounds`` times, ``--steps`` steps each (a
@@ -25,7 +26,7 @@ import time
 
 
 def measure(model: str, L: int, ks: list[int], batch: int = 32, steps: int = 0, rounds: int = 3,
-            source: str = "synthetic", digits_npz: str | None = None, n_train: int = 2000) -> list[dict]:
+            source: str = "synthetic", digits_npz: str | None = None, n_train: int = 4000) -> list[dict]:
     """Rows (see the module doc) for each K of ``ks``; ``steps`` 0: the least common multiple
     of the Ks, at least 64."""
     import math
@@ -45,18 +46,19 @@ def measure(model: str, L: int, ks: list[int], batch: int = 32, steps: int = 0, 
     if steps % lcm:
         raise ValueError(f"--steps={steps} is not a multiple of every K in {ks}")
     cfg = runner.RunConfig(model=model, source=source, digits_npz=digits_npz, L=L, n_train=n_train,
-                           n_holdout=0, batch_size=batch, train_rotate=True, copies=None)
+                           n_holdout=0, batch_size=batch, train_rotate=True, copies=1)
     cfg.validate()
     setup = runner.RunSetup.build(cfg)
     images, labels = runner._load(cfg)[0]
-    stream = pipeline.DigitStream(images, labels, cfg.stream_config(True, None), seed=0)
+    stream = pipeline.DigitStream(images, labels, cfg.stream_config(True, 1), seed=0)
     if steps > stream.steps_per_epoch:
         raise ValueError(f"{steps} steps do not fit in one epoch of {stream.steps_per_epoch}; give more digits")
     params, model_state = train.split_variables(setup.init_variables(jax.random.key(0)))
     state = train.replicate(setup.mesh, train.TrainState.create(params, optax.adam(1e-3), model_state))
     step_fn = train.make_train_step(setup.model, setup.task)
     chunk_fn = train.make_train_chunk(setup.model, setup.task, stream.batch_of, setup.mesh)
-    order = stream.epoch_order(0)
+    data = train.replicate(setup.mesh, stream.data)  # as fit does
+    order = train.replicate(setup.mesh, stream.epoch_order(0))
 
     def run(state, k):
         loss = None
@@ -66,7 +68,7 @@ def measure(model: str, L: int, ks: list[int], batch: int = 32, steps: int = 0, 
                 x, y = train.shard_batch(setup.mesh, (b[0], train.targets(b, setup.task)))
                 state, loss = step_fn(state, setup.tables, x, y)
             else:
-                state, loss = chunk_fn(state, setup.tables, stream.data, order, jnp.arange(s, s + k, dtype=jnp.int32))
+                state, loss = chunk_fn(state, setup.tables, data, order, jnp.arange(s, s + k, dtype=jnp.int32))
         jax.block_until_ready((state, loss))
         return state
 
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--source", default="synthetic", choices=["synthetic", "npz", "tfds"])
     ap.add_argument("--digits_npz", default=None)
-    ap.add_argument("--n_train", type=int, default=2000, help="training digits the stream draws from")
+    ap.add_argument("--n_train", type=int, default=4000, help="training digits the stream draws from (0: all); "
+                    "the timed steps must fit in one epoch")
     ap.add_argument("--label", default="", help="recorded in each row")
     args = ap.parse_args(argv)
     try:

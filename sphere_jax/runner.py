@@ -374,9 +374,12 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     ``steps_per_call`` (``K``): training steps per compiled call. ``K > 1`` runs ``K`` steps at a
     time in one program that also makes their batches on device (:func:`train.make_train_chunk`),
     so the host does nothing between them; the steps left before an evaluation, a checkpoint or
-    an epoch's end run one at a time. Same batches, same updates; floats may differ from ``K = 1``
-    in the last bits (another compiled program). ``None``: :func:`default_steps_per_call`. A run
-    resumed with the same ``K`` makes the same calls as an uninterrupted one.
+    an epoch's end run one at a time (all of them, where ``K`` exceeds ``eval_every``,
+    ``checkpoint_every`` or an epoch). Same batches, same updates; floats may differ from
+    ``K = 1`` in the last bits (another compiled program, compiled besides the single step).
+    ``None``: :func:`default_steps_per_call`. A run resumed with the same ``K`` makes the same
+    calls as an uninterrupted one; ``K`` is logged in the ``info`` record. SIGTERM is honoured
+    after the current call: keep a call well under ``launch.run_grid``'s 30 s grace period.
 
     At the end the best checkpoint is evaluated on the test digits with the run's test rotation
     (the returned record) and with the other one (canonical <-> rotated), both appended to
@@ -389,7 +392,8 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     cfg.validate()
     K = default_steps_per_call() if steps_per_call is None else int(steps_per_call)
     if K < 1:
-        raise RunError(f"--steps_per_call must be >= 1, got {K}")
+        raise RunError(f"--steps_per_call must be >= 1, got {K}" if steps_per_call is not None else
+                       f"$SPHERE_JAX_STEPS_PER_CALL must be >= 1, got {K}")
     if K > 1 and jax.process_count() > 1:
         raise RunError("--steps_per_call > 1 works on one host only (its batches are made from this host's "
                        "digits); use 1 with jax.distributed")
@@ -428,12 +432,16 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         train_seconds = _seconds_from_log(workdir, int(restored["step"]))
     state = train.replicate(mesh, state)
     step_fn = train.make_train_step(setup.model, task)
-    chunk_fn = train.make_train_chunk(setup.model, task, stream.batch_of, mesh) if K > 1 else None
+    if K > 1:
+        chunk_fn = train.make_train_chunk(setup.model, task, stream.batch_of, mesh)
+        data = train.replicate(mesh, stream.data)  # the digits on every device, once
+        order = (None, None)  # (epoch, its order replicated)
 
     start = int(state.step)
     _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
                                      "device": jax.devices()[0].device_kind, "devices": n_dev,
-                                     "steps_per_epoch": stream.steps_per_epoch, "start_step": start}})
+                                     "steps_per_epoch": stream.steps_per_epoch, "start_step": start,
+                                     "steps_per_call": K}})
     bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
     t0 = time.time()
     losses = []
@@ -444,8 +452,11 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
             step = done
             n = _steps_in_call(step, K, cfg, stream.steps_per_epoch)
             if n > 1:  # K steps in one call, batches made on device
-                state, loss = chunk_fn(state, setup.tables, stream.data, stream.epoch_order(step),
-                                       jnp.arange(step, step + K, dtype=jnp.int32))
+                epoch = stream.epoch_of(step)
+                assert stream.epoch_of(step + n - 1) == epoch  # one order per call
+                if order[0] != epoch:
+                    order = (epoch, train.replicate(mesh, stream.epoch_order(step)))
+                state, loss = chunk_fn(state, setup.tables, data, order[1], jnp.arange(step, step + n, dtype=jnp.int32))
             else:
                 batch = stream.batch(step)
                 x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))

@@ -94,6 +94,8 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     assert "mIoU (10 digit classes)" in e.stdout
     info = [rec["info"] for rec in _records(full) if "info" in rec][0]
     assert info["params"] > 0 and info["steps_per_epoch"] == 96 // 8 and info["start_step"] == 0
+    assert info["steps_per_call"] == 1
+    assert [rec["info"]["steps_per_call"] for rec in _records(two) if "info" in rec] == [2, 2]
 
 
 def test_calls_of_several_steps_stop_where_the_host_has_work_and_resume_alike():

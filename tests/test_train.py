@@ -58,3 +58,34 @@ def test_chunk_of_steps_follows_single_steps_with_model_state():
     np.testing.assert_allclose(flat(b.model_state), flat(a.model_state), rtol=1e-5, atol=1e-6)
     # the statistics moved: the chunk carries the model state from step to step
     assert not np.allclose(flat(b.model_state), flat(model_state))
+
+
+def test_chunk_makes_the_stream_batches_of_its_steps():
+    """The chunk with the real pipeline (DigitStream.batch_of: fixed rotated copies) trains like
+    single steps on stream.batch(step), a classifier from the registry."""
+    from sphere_jax import harmonics as hm
+    from sphere_jax.data import pipeline
+    from sphere_jax.models import registry
+
+    model, task = registry.make_model("cnn_cls_68k", L_in=15)
+    tables = hm.build_tables(model.table_specs())
+    images, labels = pipeline.synthetic_digits(96, seed=1)
+    stream = pipeline.DigitStream(images, labels, pipeline.StreamConfig(L=15, batch_size=8, copies=2), seed=3)
+    params, model_state = train.split_variables(
+        jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 30, 29, 1)), tables))
+
+    def fresh():
+        copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+        return train.TrainState.create(copy(params), optax.adam(1e-3), copy(model_state))
+
+    step = train.make_train_step(model, task)
+    a, losses_a = fresh(), []
+    for s in range(4, 8):
+        batch = stream.batch(s)
+        a, loss = step(a, tables, batch[0], train.targets(batch, task))
+        losses_a.append(float(loss))
+    chunk = train.make_train_chunk(model, task, stream.batch_of)
+    b, losses_b = chunk(fresh(), tables, stream.data, stream.epoch_order(4), jnp.arange(4, 8, dtype=jnp.int32))
+    np.testing.assert_allclose(np.asarray(losses_b), losses_a, rtol=1e-5)
+    flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(flat(b.params), flat(a.params), rtol=1e-4, atol=1e-6)

@@ -151,7 +151,9 @@ class DigitStream:
     def batch_of(self, data, step, order):
         """Traceable form of :meth:`batch`, for a compiled loop over steps: ``data`` is
         :attr:`data` (``uint8 [n, 28, 28]``, ``int32 [n]``), ``step`` an int32 scalar and ``order``
-        ``int32 [n * copies]`` the order of the step's epoch (:meth:`epoch_order`)."""
+        ``int32 [n * copies]`` the order of the step's epoch (:meth:`epoch_order`; a step of
+        another epoch gets a wrong batch, silently). Returns ``(x float32 [B, 2L, 2L-1, 1],
+        labels int32 [B, k], mask int32 [B, 2L, 2L-1])``."""
         cfg = self.config
         shape = (cfg.batch_size, cfg.digits_per_image)
         digit, _ = self._items(step, order)
