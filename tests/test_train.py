@@ -18,6 +18,16 @@ class _BatchNormNet(nn.Module):
         return nn.Dense(10)(nn.relu(x))
 
 
+def _fresh_state(params, model_state, learning_rate):
+    """A train state on copies: the steps donate (delete) their input state."""
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+    return train.TrainState.create(copy(params), optax.adam(learning_rate), copy(model_state))
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(tree)])
+
+
 def _batch_of(data, step, order):
     """A stream-like pure batch function: rows ``order[8 * step : 8 * step + 8]`` of the data."""
     idx = jax.lax.dynamic_slice_in_dim(order, step * 8, 8)
@@ -34,9 +44,7 @@ def test_chunk_of_steps_follows_single_steps_with_model_state():
     params, model_state = train.split_variables(model.init(jax.random.key(0), data[0][:8], None, train=False))
     assert "batch_stats" in model_state
 
-    def fresh():  # copies: the steps donate (delete) their input state
-        copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
-        return train.TrainState.create(copy(params), optax.adam(1e-2), copy(model_state))
+    fresh = lambda: _fresh_state(params, model_state, 1e-2)
 
     step = train.make_train_step(model, "classify")
     a, losses_a = fresh(), []
@@ -53,11 +61,10 @@ def test_chunk_of_steps_follows_single_steps_with_model_state():
         losses_b += [float(v) for v in losses]
     assert int(b.step) == 6
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
-    flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(t)])
-    np.testing.assert_allclose(flat(b.params), flat(a.params), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(flat(b.model_state), flat(a.model_state), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(b.params), _flat(a.params), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(b.model_state), _flat(a.model_state), rtol=1e-5, atol=1e-6)
     # the statistics moved: the chunk carries the model state from step to step
-    assert not np.allclose(flat(b.model_state), flat(model_state))
+    assert not np.allclose(_flat(b.model_state), _flat(model_state))
 
 
 def test_chunk_makes_the_stream_batches_of_its_steps():
@@ -74,9 +81,7 @@ def test_chunk_makes_the_stream_batches_of_its_steps():
     params, model_state = train.split_variables(
         jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 30, 29, 1)), tables))
 
-    def fresh():
-        copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
-        return train.TrainState.create(copy(params), optax.adam(1e-3), copy(model_state))
+    fresh = lambda: _fresh_state(params, model_state, 1e-3)
 
     step = train.make_train_step(model, task)
     a, losses_a = fresh(), []
@@ -87,5 +92,4 @@ def test_chunk_makes_the_stream_batches_of_its_steps():
     chunk = train.make_train_chunk(model, task, stream.batch_of)
     b, losses_b = chunk(fresh(), tables, stream.data, stream.epoch_order(4), jnp.arange(4, 8, dtype=jnp.int32))
     np.testing.assert_allclose(np.asarray(losses_b), losses_a, rtol=1e-5)
-    flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(t)])
-    np.testing.assert_allclose(flat(b.params), flat(a.params), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_flat(b.params), _flat(a.params), rtol=1e-4, atol=1e-6)
