@@ -214,8 +214,8 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
                           "best checkpoint so far; not converged"]
         lines.append("")
     if runs:
-        lines += ["## Every run", "", "| run | score | metrics | steps | device | train s | s/step |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## Every run", "", "| run | test digits | score | metrics | steps | device | train s | s/step |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             m = r["metrics"]
             if r["task"] == "classify":
@@ -225,7 +225,8 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
                           f"{m['miou_digits']:.4f}, area mIoU {m.get('area_miou', float('nan')):.4f} (n={m.get('n')})")
             sps = f"{r['step_seconds']:.3f}" if r["step_seconds"] else "-"
             cut = "" if r.get("finished", True) else " (interim: cut before its end)"
-            lines.append(f"| {r['workdir']}{cut} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "
+            test = "rotated (R)" if r["test"] == "R" else "canonical (NR)"
+            lines.append(f"| {r['workdir']}{cut} | {test} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "
                          f"{r.get('device') or '-'} | {r['train_seconds']} | {sps} |")
         lines.append("")
     if unfinished:

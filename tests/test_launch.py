@@ -364,6 +364,7 @@ def test_aggregation_of_hand_made_workdirs(tmp_path):
         "| cnn_218k (R -> R) | 0.3000 | 0.4200 |\n"
     )
     assert expected_cls in md and expected_seg in md
+    assert "| classify/mnist-d1-L12/s2cnn_cls/NR-R-aug1-seed0 | rotated (R) | 91.00 |" in md  # every run: its test digits
     assert "## classification, mnist, 1 digit per image, L=12" in md
     assert "## segmentation, mnist, 1 digit per image, L=12" in md
     assert "segment/mnist-d1-L12/cnn_218k/R-R-augfresh-seed0" in s["unfinished"] and "## Unfinished" in md
