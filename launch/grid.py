@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from typing import Iterable, Sequence
 
 from launch.labels import GridError, aug_label, aug_sort_key, parse_aug  # noqa: F401 (re-exported)
@@ -368,8 +369,16 @@ def write_manifest(runs: Sequence[Run], root: str, grid: str) -> str:
     """``ROOT/grid_<name>.json``: every run's index, workdir name, task and config."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, f"grid_{grid}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"grid": grid, "runs": [r.to_json() for r in runs]}, f, indent=1)
-    os.replace(tmp, path)
+    # a temporary file of its own: sweeps started at once on one root (a SLURM array, several
+    # --only lists) each write the manifest, and a shared temporary name made one of them fail
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".grid_{grid}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"grid": grid, "runs": [r.to_json() for r in runs]}, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path

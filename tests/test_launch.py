@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import threading
 import subprocess
 import sys
 
@@ -522,3 +523,30 @@ def test_steps_per_call_check_times_each_k_of_the_run_loop(capsys):
         spc.measure("cnn_cls_68k", 15, [1, 2], steps=3)
     assert spc.main(["--model=no_such_model", "--ks=1,2"]) == 1
     assert "no_such_model" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_sweeps_started_at_once_write_the_manifest_without_failing(tmp_path):
+    # a SLURM array starts many `run_grid --index=I` on one root at once; each writes the manifest
+    runs = grid.get_grid("reduced_cpu")
+    root = str(tmp_path / "sweep")
+    os.makedirs(root)
+    errors = []
+    barrier = threading.Barrier(8)
+
+    def write():
+        barrier.wait()
+        for _ in range(25):
+            try:
+                grid.write_manifest(runs, root, "reduced_cpu")
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    manifest = json.load(open(os.path.join(root, "grid_reduced_cpu.json")))
+    assert len(manifest["runs"]) == len(runs)
+    assert sorted(os.listdir(root)) == ["grid_reduced_cpu.json"]  # no temporary file left behind
