@@ -2,9 +2,9 @@
 import dataclasses
 import json
 import os
-import threading
 import subprocess
 import sys
+import threading
 
 import pytest
 
