@@ -36,6 +36,10 @@
 # DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), CALLS_MODELS / CALLS_KS (the
 # run loop timed with K training steps per compiled call, default "s2cnn_cls cnn_cls_68k
 # s2cnn_cls_deep" / "1,16"), STEPS_PER_CALL (K for the train stage's runs, default 1), PYTHON,
+# DEADLINE_S (the train stage ends this many seconds after the script's start, whatever the
+# benchmarks took; replaces TRAIN_S), SEG_MODE=none (no segmentation training), CLS_BENCH_MODELS
+# (classifiers timed with DEEP_VARIANTS, default s2cnn_cls_deep; s2cnn_cls too: rows "cohen-..."),
+# NOTRITON=0 (no retry without Triton GEMMs), EVAL_CUT=0 (cut runs not scored here),
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
@@ -113,7 +117,7 @@ PY
 # older dft dots) is tried once more without Triton GEMMs: rows "...-notriton", recorded only
 notriton() {  # notriton LABEL ARGS...: bench again with --xla_gpu_enable_triton_gemm=false if LABEL failed
   local label=$1; shift
-  if failed "$label"; then
+  if [ "${NOTRITON:-1}" != 0 ] && failed "$label"; then
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" bench "$label-notriton" "$@"
   fi
 }
@@ -126,9 +130,12 @@ if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" 
 # the deep classifier (the classification grid's costliest model, trained with the GPU default,
 # fft): does gamma-first dft compile for it now (the Triton GEMM autotuner failed on the older
 # channels-last dft dots), and is it faster? Recorded only (label "deep-..."); DEEP_VARIANTS="" skips
-for v in ${DEEP_VARIANTS-dft}; do  # fft: 13.0 ms per step on the H200 (results/classification)
-  bench "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
-  [ "${v%%/*}" = dft ] && notriton "deep-$v" "$BASE" "$v" 1 s2cnn_cls_deep "$CLS_L"
+for m in ${CLS_BENCH_MODELS:-s2cnn_cls_deep}; do
+  case $m in s2cnn_cls_deep) p=deep ;; s2cnn_cls) p=cohen ;; *) p=$m ;; esac
+  for v in ${DEEP_VARIANTS-dft}; do  # fft: 13.0 ms per step on the H200 (results/classification)
+    bench "$p-$v" "$BASE" "$v" 1 "$m" "$CLS_L"
+    [ "${v%%/*}" = dft ] && notriton "$p-$v" "$BASE" "$v" 1 "$m" "$CLS_L"
+  done
 done
 # the run loop with 1 and with 16 training steps per compiled call (batches made inside the call):
 # how much of a small classifier's run loop is the host's work (batch, dispatch) rather than its
@@ -220,13 +227,17 @@ fi
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
 if stage train; then
 T_TRAIN=$(date +%s)
+if [ -n "${DEADLINE_S:-}" ]; then  # training ends DEADLINE_S seconds after the script's start
+  TRAIN_S=$(( DEADLINE_S - (T_TRAIN - T0) ))
+  echo "training for $TRAIN_S s (deadline $DEADLINE_S s after the start)" | tee -a "$OUT/env.txt"
+fi
 common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
 SEG_PIDS=()
 if [ "$SEG_MODE" = run0 ]; then
   SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only=0 \
     --jobs=1 "${common[@]}" "${SEG_SET[@]}" > "$OUT/sweep_seg.log" 2>&1 &
   SEG_PIDS+=($!)
-else  # one process per variant, alone on the GPU (the S2CNN trains 2.8x slower beside other
+elif [ "$SEG_MODE" != none ]; then  # one process per variant, alone on the GPU (the S2CNN trains 2.8x slower beside other
       # runs); each line of input_scale.log starts with its variant. The classification runs
       # get what is left of TRAIN_S.
   mkdir -p "$SWEEP/input_scale"; : > "$OUT/input_scale.log"
@@ -244,12 +255,22 @@ CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
 if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
   timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
     --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" > "$OUT/sweep_cls.log" 2>&1
+  rc=$?
+  CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
+  # a run that failed with K > 1 steps per call (new code on this jax) is retried with K = 1 in
+  # the time left; rc 124: the timeout stopped the sweep, nothing failed
+  if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$SPHERE_JAX_STEPS_PER_CALL" != 1 ] && [ "$CLS_S" -gt 60 ]; then
+    echo "run_grid exited $rc with K=$SPHERE_JAX_STEPS_PER_CALL; retrying with K=1 for $CLS_S s" | tee -a "$OUT/env.txt"
+    SPHERE_JAX_STEPS_PER_CALL=1 timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification \
+      --only="$CLS_ONLY" --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
+  fi
 fi
 [ ${#SEG_PIDS[@]} -gt 0 ] && wait "${SEG_PIDS[@]}"
 echo "training stopped after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
 
 # 3. interim scores of the runs that were cut: best checkpoint, all test digits, both rotations
-$PY - "$SWEEP" <<'PY' > "$SWEEP/cut_runs.txt"
+# (EVAL_CUT=0 skips it: score them from sweep_state.tgz on another machine)
+[ "${EVAL_CUT:-1}" = 0 ] && : > "$SWEEP/cut_runs.txt" || $PY - "$SWEEP" <<'PY' > "$SWEEP/cut_runs.txt"
 import json, os, sys
 from launch.run_grid import final_test, read_records
 for d, _, files in os.walk(sys.argv[1]):
