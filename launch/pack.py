@@ -8,8 +8,9 @@ with ``--checkpoints``:
 
 * ``best`` -> ``OUT/sweep_best.tgz``: best checkpoints of the small models (S2CNNs first, at
   most 1.1M parameters), while the archive stays under 15 MB (models to ship);
-* ``state`` -> ``OUT/sweep_state.tgz``: best and latest checkpoints of the S2CNN runs (to
-  resume them in the next window).
+* ``state`` -> ``OUT/sweep_state.tgz``: the S2CNN runs' checkpoints, under 15 MB (a file that
+  comes back from a lent GPU may have 16 MB): best and latest of the unfinished runs (to resume
+  them in the next window) first, then the best of the finished ones.
 
 Unpack an archive into the sweep root to continue there.
 """
@@ -71,15 +72,37 @@ def pack_best(sweep: str, out: str) -> str:
     return path
 
 
-def pack_state(sweep: str, out: str) -> str:
+def _finished(run_dir: str) -> bool:
+    from launch.run_grid import final_test, read_records  # lazy: run_grid imports the library
+
+    return final_test(read_records(run_dir)) is not None
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES) -> str:
+    """Unfinished S2CNN runs first, each with its best and latest checkpoints (to resume it),
+    then the finished ones with their best checkpoint alone (to evaluate or ship it), while the
+    archive's uncompressed size stays within ``budget_bytes``. A run that does not fit is named on
+    stderr and left out whole."""
     path = os.path.join(out, "sweep_state.tgz")
+    runs = [d for d in run_dirs(sweep) if "/s2cnn" in d]
+    runs.sort(key=_finished)  # False (unfinished) first; stable, so in path order within each
+    budget = budget_bytes
     with tarfile.open(path, "w:gz") as tar:
-        for d in run_dirs(sweep):
-            if "/s2cnn" not in d:
+        for d in runs:
+            subs = ("best",) if _finished(d) else ("best", "checkpoints")
+            subs = [s for s in subs if os.path.isdir(os.path.join(d, s))]
+            size = sum(_dir_bytes(os.path.join(d, s)) for s in subs)
+            if size > budget:
+                print(f"pack: {os.path.relpath(d, sweep)} left out of {os.path.basename(path)} "
+                      f"({size / 1e6:.1f} MB, {max(budget, 0) / 1e6:.1f} MB left)", file=sys.stderr)
                 continue
-            for sub in ("best", "checkpoints"):
-                if os.path.isdir(os.path.join(d, sub)):
-                    tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
+            budget -= size
+            for sub in subs:
+                tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
     return path
 
 

@@ -457,8 +457,24 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
     assert "segment/mnist-d1-L8/s2cnn_204k/NR-R-aug1-seed0/config.json" in meta
     assert not any("scratch" in n or "weights" in n for n in meta)
     state = names(out / "sweep_state.tgz")
-    assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/checkpoints/12/weights") for n in state)
-    assert not any("cnn_5_5m" in n for n in state)  # only the S2CNN runs are resumed across windows
+    # a finished S2CNN run: its best checkpoint only (to ship or evaluate); no CNN run
+    assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/best/10/weights") for n in state)
+    assert not any("NR-R-aug1-seed0/checkpoints" in n for n in state)
+    assert not any("cnn_5_5m" in n for n in state)
+    # an unfinished one: best and latest (to resume it), packed first, within the size budget
+    cut = sweep / "segment/mnist-d1-L8/s2cnn_204k/R-R-augfresh-seed0"
+    fake_workdir(str(cut), RunConfig(), None, "segment")
+    for sub in ("best/5", "checkpoints/6"):
+        os.makedirs(cut / sub)
+        (cut / sub / "weights").write_text("w" * 1000)
+    assert pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "state"]) == 0
+    state = names(out / "sweep_state.tgz")
+    assert any(n.endswith("R-R-augfresh-seed0/checkpoints/6/weights") for n in state)
+    assert any(n.endswith("NR-R-aug1-seed0/best/10/weights") for n in state)
+    pack.pack_state(str(sweep), str(out), budget_bytes=2000)  # room for the cut run (2,000 bytes) alone
+    state = names(out / "sweep_state.tgz")
+    assert any(n.endswith("R-R-augfresh-seed0/best/5/weights") for n in state)
+    assert not any("NR-R-aug1-seed0" in n for n in state)
     assert pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "best"]) == 0
     best = names(out / "sweep_best.tgz")
     assert any(n.endswith("s2cnn_204k/NR-R-aug1-seed0/best/10/weights") for n in best)
