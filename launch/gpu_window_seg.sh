@@ -11,7 +11,7 @@
 #      segmentation run, the 204k segmenter at band-limit 50 with inputs as they are (none1) and
 #      RMS-normalised to 60 (rms60, the library's default), SCALE_STEPS steps each, two
 #      processes at once (experiments.input_scale, lr 1e-3, curves in input_scale.log), then
-#      CLS_ONLY runs of paper_classification (SO(3) transforms at the GPU default) in the rest
+#      CLS_ONLY runs of paper_classification (SO(3) transforms at the default, dft) in the rest
 #      of TRAIN_S; with SEG_MODE=run0: run 0 of paper_segmentation (the S2CNN trained NR on
 #      MNIST) beside the CLS_ONLY runs, until TRAIN_S; the S2CNN with the fastest variant;
 #   3. evaluates the runs that were cut (latest best checkpoint) on all test digits, both
@@ -30,7 +30,7 @@
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
-# fft), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
+# dft/gamma_first, the fastest on an H200), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
 # sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft"; "" times none),
 # DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), CALLS_MODELS / CALLS_KS (the
@@ -47,11 +47,11 @@ TRAIN_S=${1:?seconds of training}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
 PY=${PYTHON:-python3}
-# default: the MNIST runs of paper_classification still missing, in the issue's order (the deep
-# S2CNN's seed 0, NR and R; then the 4M CNN's augmentation levels 2, 8, 16, 4, fresh). The 68k
-# CNN's levels run on CPU (results/classification/README.md); the FashionMNIST runs this default
-# had before (49,...,77) are done.
-CLS_ONLY=${CLS_ONLY-1,3,24,26,27,25,28}
+# default: the runs of paper_classification still missing, in the issue's order (after the
+# 2026-11-27 H200 window): the deep S2CNN's MNIST seeds (35, 32, 36), its FashionMNIST seed 0
+# (NR, R), then the 4M and 1M CNNs' MNIST levels 2, 8, 16. The 68k and 250k CNNs' levels run on
+# CPU (results/classification/README.md).
+CLS_ONLY=${CLS_ONLY-35,32,36,50,52,24,26,27,18,20,21}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-600}
@@ -127,9 +127,9 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage bench; then
 for v in $VARIANTS; do bench "after-$v" "$BASE" "$v" 1; [ "${v%%/*}" = dft ] && notriton "after-$v" "$BASE" "$v" 1; done
 if [ -n "${BEFORE:-}" ]; then bench "before-dft" "$(cd "$BEFORE" && pwd):$BASE" dft 0; fi
-# the deep classifier (the classification grid's costliest model, trained with the GPU default,
-# fft): does gamma-first dft compile for it now (the Triton GEMM autotuner failed on the older
-# channels-last dft dots), and is it faster? Recorded only (label "deep-..."); DEEP_VARIANTS="" skips
+# the deep classifier (the classification grid's costliest model): gamma-first dft compiled for it
+# on an H200 (2026-11-27, 4.60 ms per step; the Triton GEMM autotuner failed on the older
+# channels-last dft dots). Recorded only (label "deep-..."); DEEP_VARIANTS="" skips
 for m in ${CLS_BENCH_MODELS:-s2cnn_cls_deep}; do
   case $m in s2cnn_cls_deep) p=deep ;; s2cnn_cls) p=cohen ;; *) p=$m ;; esac
   for v in ${DEEP_VARIANTS-dft}; do  # fft: 13.0 ms per step on the H200 (results/classification)
@@ -174,7 +174,7 @@ ok = [r for r in rows if r["label"].startswith("after-") and "train_step_s" in r
       and not r["label"].endswith("-notriton")  # needs an XLA flag that training does not get
       and r.get("grid_dtype", "float32") == "float32"  # bfloat16 grids are timed, not trained with
       and (gf_ok or r.get("so3_layout") != "gamma_first")]
-best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "fft", "so3_layout": "channels_last"}
+best = min(ok, key=lambda r: r["train_step_s"]) if ok else {"transforms": "dft", "so3_layout": "gamma_first"}  # H200, 2026-11-27
 print(best["transforms"] + " " + best.get("so3_layout", "channels_last"))
 PY
 )

@@ -121,13 +121,14 @@ def so3_table(L: int, N: int, forward: bool) -> np.ndarray:
 
 
 TRANSFORMS = ("dft", "fft", "s2fft")
-# Per platform. GPU: "fft", because XLA's GPU GEMM autotuner (jax 0.11.2, H100 and H200) finds
-# no Triton configuration for the "dft" variant's Wigner-table contractions at the classifiers'
-# small band-limits ("Failed to get configs ... No candidates could be compiled"; the failing
-# dots are "ntlm,bntmc->bnlmc" and its transposes), while the FFT variant compiles for every
-# model. Measured on an H200 (batch-32 training steps): Cohen classifier 1.06 ms with "fft",
-# 1.46 ms with "dft" and Triton GEMMs disabled; deep classifier 13.0 / 12.1 ms.
-DEFAULT_TRANSFORMS = {"cpu": "dft", "gpu": "fft", "cuda": "fft", "rocm": "fft", "tpu": "dft"}
+# Per platform; "dft" everywhere since the gamma-first layout (:func:`so3_layout`). Measured on an
+# H200 (jax 0.11.2, batch-32 training steps, one window, results/gpu/README.md): the 204k
+# segmenter at L=50 64.3 ms with "dft" gamma-first against 108.1 ms channels-last; the Cohen
+# classifier 0.71 ms and the deep one 4.60 ms (with "fft": 1.06 and 13.0 ms on an H200 the day
+# before). GPUs used "fft" before because XLA's GEMM autotuner found no Triton configuration for
+# the channels-last "dft" dots of the classifiers ("Failed to get configs ... No candidates could
+# be compiled", dots "ntlm,bntmc->bnlmc" and its transposes); the gamma-first dots compile.
+DEFAULT_TRANSFORMS = {"cpu": "dft", "gpu": "dft", "cuda": "dft", "rocm": "dft", "tpu": "dft"}
 
 
 def transforms() -> str:

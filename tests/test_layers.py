@@ -132,7 +132,7 @@ def s2_signal():
 
 @pytest.fixture
 def dft(monkeypatch):
-    """The "dft" transforms, which the gamma-first layers need (a GPU's default is "fft")."""
+    """The "dft" transforms, which the gamma-first layers need (set, whatever the default)."""
     monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
 
 
