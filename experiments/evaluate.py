@@ -2,6 +2,7 @@
 
     python -m experiments.evaluate --workdir=runs/segment        # a run's best checkpoint
     python -m experiments.evaluate --pretrained=s2cnn_cls_mnist --test_rotation=so3 --n_test=2000
+    python -m experiments.evaluate --pretrained=s2cnn_cls_mnist_nr --rotation_sensitivity=256
 """
 import json
 import os
@@ -21,6 +22,8 @@ flags.DEFINE_string("digits_npz", None, "--source=npz: .npz with test_images/tes
 flags.DEFINE_string("digits_dir", None, "directory of idx files to use instead of the installed sources")
 flags.DEFINE_string("data_dir", None, "TFDS data directory")
 flags.DEFINE_string("out", "runs/evaluate", "--pretrained: folder of the predictions figure")
+flags.DEFINE_integer("rotation_sensitivity", 0, "classifiers: instead of scoring, compare the logits of the first N "
+                     "test digits canonical and rotated (runner.rotation_sensitivity); 0: off")
 common.define_compilation_cache()
 FLAGS = flags.FLAGS
 
@@ -38,6 +41,10 @@ def main(_):
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         fail("give exactly one of --workdir and --pretrained")
     rot = None if FLAGS.test_rotation is None else FLAGS.test_rotation == "so3"
+    if FLAGS.rotation_sensitivity < 0:
+        fail(f"--rotation_sensitivity must be >= 0, got {FLAGS.rotation_sensitivity}")
+    if FLAGS.rotation_sensitivity:
+        return rotation_sensitivity(FLAGS.rotation_sensitivity)
     try:
         if FLAGS.workdir:
             runner.evaluate_workdir(FLAGS.workdir, test_rotate=rot, n_test=FLAGS.n_test)
@@ -56,6 +63,28 @@ def main(_):
     print(runner.summarise(cfg, card["task"], dict(rec, checkpoint=f"pretrained {FLAGS.pretrained}",
                                                   checkpoint_step=card["steps"])))
     print(json.dumps({"pretrained": FLAGS.pretrained, **rec}))
+
+
+def rotation_sensitivity(n):
+    """Print one JSON line: ``runner.rotation_sensitivity`` of the run's best checkpoint or of a
+    shipped model, on the first ``n`` test digits."""
+    import dataclasses
+
+    try:
+        if FLAGS.workdir:
+            cfg = dataclasses.replace(runner.load_config(FLAGS.workdir), n_test=n)
+            setup = runner.RunSetup.build(cfg)
+            variables, which, step = runner.restore_variables(FLAGS.workdir, setup=setup)
+            source = {"workdir": FLAGS.workdir, "checkpoint": which, "checkpoint_step": step}
+        else:
+            setup, variables, _ = runner.pretrained_setup(
+                FLAGS.pretrained, n_test=n, source=FLAGS.source, digits_npz=FLAGS.digits_npz,
+                digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir)
+            source = {"pretrained": FLAGS.pretrained}
+        rec = runner.rotation_sensitivity(setup, variables, n)
+    except runner.RunError as e:
+        fail(str(e))
+    print(json.dumps({**source, "model": setup.cfg.model, "rotation_sensitivity": rec}))
 
 
 if __name__ == "__main__":

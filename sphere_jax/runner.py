@@ -694,6 +694,15 @@ def evaluate_pretrained(name: str, test_rotate: bool = True, n_test: int = 0, ou
     rotations are keyed like a run's test set (seed of the card + 2), so the same ``n_test``
     gives the card's numbers.
     """
+    setup, variables, card = pretrained_setup(name, test_rotate, n_test, batch_size, **data)
+    rec = evaluate_variables(setup, variables, out_dir, name=name)
+    rec["card"] = card
+    return rec
+
+
+def pretrained_setup(name: str, test_rotate: bool = True, n_test: int = 0, batch_size: int = 32, **data):
+    """``(setup, variables, card)`` of a shipped model, evaluated as :func:`evaluate_pretrained`
+    describes (same arguments)."""
     from sphere_jax import pretrained
 
     try:
@@ -705,10 +714,38 @@ def evaluate_pretrained(name: str, test_rotate: bool = True, n_test: int = 0, ou
                     digits_per_image=int(card.get("digits_per_image", 1)), test_rotate=test_rotate,
                     n_test=n_test, batch_size=batch_size, seed=int(card["seed"]), **data)
     cfg.validate()
-    setup = RunSetup.build(cfg)
-    rec = evaluate_variables(setup, variables, out_dir, name=name)
-    rec["card"] = card
-    return rec
+    return RunSetup.build(cfg), variables, card
+
+
+def rotation_sensitivity(setup: RunSetup, variables, n: int = 256) -> dict:
+    """How far a classifier is from rotation invariance, on the first ``n`` test digits of
+    ``setup.cfg``: each digit canonical (NR) and under its Haar-random test rotation (R, keyed
+    like a run's rotated test set, seed + 2).
+
+    Returns ``{"n", "accuracy_canonical", "accuracy_rotated", "agreement", "logit_change_median",
+    "logit_change_p90"}``: ``agreement`` is the fraction of digits whose predicted class is the
+    same in both; the logit change of a digit is ``|y(R x) - y(x)| / |y(x)|`` (Euclidean norms
+    over the 10 logits), 0 for an invariant model. Raises :class:`RunError` for a segmenter,
+    whose output rotates with its input.
+    """
+    if setup.task != "classify":
+        raise RunError(f"{setup.cfg.model} is a segmenter: its output rotates with the input, so "
+                       "invariance is not the question (equivariance is; see tests/test_s2cnn.py)")
+    if n < 1:
+        raise RunError(f"rotation sensitivity needs n >= 1 test digits, got {n}")
+    cfg = setup.cfg
+    images, labels = setup.test_data()
+    images, labels = np.asarray(images)[:n], np.asarray(labels)[:n]
+    logits = {}
+    for rotate in (False, True):
+        batches = pipeline.eval_batches(images, labels, cfg.stream_config(rotate), cfg.seed + 2)
+        logits[rotate] = np.concatenate([np.asarray(setup.predict(variables, setup.tables, x)) for x, _, _ in batches])
+    y0, yr = logits[False], logits[True]
+    change = np.linalg.norm(yr - y0, axis=1) / np.maximum(np.linalg.norm(y0, axis=1), 1e-30)
+    p0, pr = y0.argmax(1), yr.argmax(1)
+    return {"n": int(len(labels)), "accuracy_canonical": float((p0 == labels).mean()),
+            "accuracy_rotated": float((pr == labels).mean()), "agreement": float((p0 == pr).mean()),
+            "logit_change_median": float(np.median(change)), "logit_change_p90": float(np.quantile(change, 0.9))}
 
 
 def summarise(cfg: RunConfig, task: str, rec: dict) -> str:
