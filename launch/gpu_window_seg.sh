@@ -40,6 +40,8 @@
 # benchmarks took; replaces TRAIN_S), SEG_MODE=none (no segmentation training), CLS_BENCH_MODELS
 # (classifiers timed with DEEP_VARIANTS, default s2cnn_cls_deep; s2cnn_cls too: rows "cohen-..."),
 # NOTRITON=0 (no retry without Triton GEMMs), EVAL_CUT=0 (cut runs not scored here),
+# CLS_EXTRA_ONLY / CLS_EXTRA_SET (runs of paper_classification trained first with other settings,
+# space-separated KEY=VALUE, in $SWEEP/extra),
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
 # wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
@@ -252,9 +254,21 @@ elif [ "$SEG_MODE" != none ]; then  # one process per variant, alone on the GPU 
   echo "input-scale runs stopped after $(( $(date +%s) - T_TRAIN )) s of training time" | tee -a "$OUT/env.txt"
 fi
 CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
+: > "$OUT/sweep_cls.log"
+# extra runs first: runs of paper_classification with other settings (CLS_EXTRA_SET, e.g.
+# "patience=0" for the reference's 20 epochs), in their own root $SWEEP/extra since their configs
+# differ from the grid's; one at a time
+if [ -n "${CLS_EXTRA_ONLY:-}" ] && [ "$CLS_S" -gt 30 ]; then
+  extra=(); for kv in ${CLS_EXTRA_SET:-}; do extra+=(--set "$kv"); done
+  echo "== extra runs $CLS_EXTRA_ONLY (${CLS_EXTRA_SET:-}) in $SWEEP/extra" >> "$OUT/sweep_cls.log"
+  timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_EXTRA_ONLY" \
+    --jobs=1 --root="$SWEEP/extra" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz" \
+    "${CLS_SET[@]}" "${extra[@]}" >> "$OUT/sweep_cls.log" 2>&1
+  CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
+fi
 if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
   timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
-    --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" > "$OUT/sweep_cls.log" 2>&1
+    --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
   rc=$?
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
   # a run that failed with K > 1 steps per call (new code on this jax) is retried with K = 1 in
