@@ -32,7 +32,8 @@
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
 # dft/gamma_first, the fastest on an H200), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
-# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/channels_last fft"; "" times none),
+# sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/gamma_first/bfloat16": the open question after the 2026-11-27 window, where
+# dft/channels_last took 108.1 ms and gamma-first 64.3; "" times none),
 # DEEP_VARIANTS (the deep classifier timed at L=30, default "dft"), CALLS_MODELS / CALLS_KS (the
 # run loop timed with K training steps per compiled call, default "s2cnn_cls cnn_cls_68k
 # s2cnn_cls_deep" / "1,16"), STEPS_PER_CALL (K for the train stage's runs, default 1), PYTHON,
@@ -58,7 +59,7 @@ CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-600}
 STAGES=${STAGES:-bench train}
-VARIANTS=${VARIANTS-dft dft/channels_last fft}  # add dft/gamma_first/bfloat16 where a window has time
+VARIANTS=${VARIANTS-dft dft/gamma_first/bfloat16}  # fft: 1.4x slower than dft on an H100 (2026-11-26)
 if [ -z "${SKIP_INSTALL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
