@@ -26,7 +26,7 @@
 #   STAGES=bench bash launch/gpu_window_seg.sh 0
 #   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 270   # the winner of call 1;
 #   # scoring the cut runs on all test digits and packing take up to ~3 more minutes
-# Env: STAGES ("bench train"; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
+# Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
@@ -199,6 +199,14 @@ print(json.dumps(row), flush=True)
 PY
 fi
 echo "benchmarks done after $(( $(date +%s) - T0 )) s; the segmenter trains with SPHERE_JAX_TRANSFORMS=$BEST SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT" | tee -a "$OUT/env.txt"
+
+# 1a. (STAGES with "transforms") issue 10's side-by-side of the transform implementations (dft,
+# fft, s2fft) at TRANSFORMS_L (default 10,30,50): first use, S2 / SO(3) forward and inverse
+# times, peak device memory; $OUT/transforms/transforms.{json,md}
+if stage transforms; then
+  $PY -m experiments.benchmark --transforms_L="${TRANSFORMS_L:-10,30,50}" --out="$OUT/transforms" 2>&1 \
+    | grep '^|' | tee -a "$OUT/env.txt"
+fi
 
 # 1b. (STAGES with "share") do several runs on the GPU add throughput for the small models of the
 # classification grid? launch.share_check with 1 and 4 processes, and 4 vmapped copies in one
