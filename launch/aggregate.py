@@ -274,7 +274,8 @@ def plot_score_vs_aug(g: tuple, t: dict, path: str, test: str = "R") -> str:
             # a band per S2CNN row (each augmentation level of it pooled), hatched for R training
             mean, std = np.mean(vals) * scale, (np.std(vals, ddof=1) * scale if len(vals) > 1 else 0.0)
             ls = next(styles)
-            ax.axhline(mean, ls=ls, lw=1.5, color=colors[model], label=f"{label}: {mean:.2f} ± {std:.2f} (n={len(vals)})")
+            spread = f" ± {std:.2f}" if len(vals) > 1 else ""  # no spread from one seed
+            ax.axhline(mean, ls=ls, lw=1.5, color=colors[model], label=f"{label}: {mean:.2f}{spread} (n={len(vals)})")
             ax.axhspan(mean - std, mean + std, color=colors[model], alpha=0.15 if train == "NR" else 0.3,
                        hatch=None if train == "NR" else "//")
             continue
