@@ -366,6 +366,15 @@ def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out, dft):
 
 def test_so3_layout_setting(monkeypatch):
     monkeypatch.delenv("SPHERE_JAX_SO3_LAYOUT", raising=False)
+    # unset: "dft" and gamma-first on every platform, GPUs included (fastest on an H200, and the
+    # classifiers compile with it there; results/gpu/README.md)
+    monkeypatch.delenv("SPHERE_JAX_TRANSFORMS", raising=False)
+    monkeypatch.delenv("SPHERE_JAX_SO3_TRANSFORM", raising=False)
+    for backend in ("cpu", "gpu", "cuda", "rocm", "tpu"):
+        monkeypatch.setattr(hm.jax, "default_backend", lambda b=backend: b)
+        assert (hm.transforms(), hm.so3_layout()) == ("dft", "gamma_first"), backend
+    monkeypatch.undo()
+    monkeypatch.delenv("SPHERE_JAX_SO3_LAYOUT", raising=False)
     monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
     assert hm.so3_layout() == "gamma_first"
     monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "channels_last")
