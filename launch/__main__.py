@@ -17,7 +17,8 @@ def main() -> int:
     print("\ncommands:\n"
           "  python -m launch.run_grid --grid=NAME --root=DIR [--jobs=N] [--list] [--dry_run] [--index=I]\n"
           "  python -m launch.slurm --grid=NAME --root=DIR [--multi_host --nodes=N] [--out=job.sh]\n"
-          "  python -m launch.aggregate --root=DIR [--benchmark=benchmark.json] [--out=DIR]")
+          "  python -m launch.aggregate --root=DIR [--benchmark=benchmark.json] [--out=DIR]\n"
+          "  python -m launch.collect --sweep=DIR --into=results/TASK/runs [--replace] [--dry_run]")
     return 0
 
 

@@ -566,3 +566,41 @@ def test_sweeps_started_at_once_write_the_manifest_without_failing(tmp_path):
     manifest = json.load(open(os.path.join(root, "grid_reduced_cpu.json")))
     assert len(manifest["runs"]) == len(runs)
     assert sorted(os.listdir(root)) == ["grid_reduced_cpu.json"]  # no temporary file left behind
+
+
+def test_collect_copies_finished_runs_without_checkpoints(tmp_path, capsys):
+    """launch.collect: finished grid runs' small files go to the results tree; unfinished runs,
+    checkpoints and runs outside the task folders (SWEEP/extra) stay behind; a finished run
+    already there is kept unless --replace; an unfinished one there is replaced."""
+    from launch import collect
+
+    sweep, into = tmp_path / "sweep", tmp_path / "results"
+    done = "classify/mnist-d1-L30/s2cnn_cls/NR-R-aug1-seed0"
+    cut = "classify/mnist-d1-L30/s2cnn_cls/R-R-augfresh-seed0"
+    extra = "extra/classify/mnist-d1-L30/s2cnn_cls/NR-R-aug1-seed0"
+    fake_workdir(str(sweep / done), RunConfig(), 0.9, "classify")
+    fake_workdir(str(sweep / cut), RunConfig(), None, "classify")
+    fake_workdir(str(sweep / extra), RunConfig(), 0.8, "classify")
+    (sweep / done / "summary.md").write_text("accuracy: 90.00 %\n")
+    os.makedirs(sweep / done / "best" / "7")
+    (sweep / done / "best" / "7" / "weights").write_text("w")
+    assert collect.main(["--sweep", str(sweep), "--into", str(into), "--dry_run"]) == 0
+    assert not into.exists()
+    assert collect.main(["--sweep", str(sweep), "--into", str(into)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"copied     {done}" in lines and f"unfinished {cut}" in lines
+    assert not any("extra" in l for l in lines)
+    assert sorted(os.listdir(into / done)) == ["config.json", "metrics.jsonl", "summary.md"]
+    assert not (into / cut).exists() and not (into / "extra").exists()
+    # a second collect keeps what is there; --replace copies it again
+    (into / done / "summary.md").write_text("edited")
+    assert collect.collect(str(sweep), str(into)) == [(done, "kept"), (cut, "unfinished")]
+    assert (into / done / "summary.md").read_text() == "edited"
+    assert collect.collect(str(sweep), str(into), replace=True)[0] == (done, "replaced")
+    assert (into / done / "summary.md").read_text() == "accuracy: 90.00 %\n"
+    # an unfinished copy in the results tree is replaced by the finished run
+    fake_workdir(str(into / cut), RunConfig(), None, "classify")
+    fake_workdir(str(sweep / cut), RunConfig(), 0.7, "classify")
+    assert (cut, "replaced") in collect.collect(str(sweep), str(into))
+    assert collect.finished(str(into / cut))
+    assert collect.main(["--sweep", str(tmp_path / "none"), "--into", str(into)]) == 2
