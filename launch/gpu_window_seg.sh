@@ -20,12 +20,12 @@
 #
 #   bash launch/gpu_window_seg.sh TRAIN_S
 #
-# A device command may run 10 minutes at most and a window has about 15 in all; the benchmarks
-# take about 6 (estimate: ~55 s per 204k variant on an H100, compiles included). Split the window
-# in two calls on the same warm machine (SWEEP persists there):
-#   STAGES=bench bash launch/gpu_window_seg.sh 0
-#   STAGES=train BEST_VARIANT=dft/gamma_first bash launch/gpu_window_seg.sh 270   # the winner of call 1;
-#   # scoring the cut runs on all test digits and packing take up to ~3 more minutes
+# A device command may run 10 minutes at most and a window has about 15 in all, start-up
+# included. One call with DEADLINE_S=530 (training ends 530 s after the start, whatever came
+# before it; packing takes seconds) and EVAL_CUT=0 (score cut runs elsewhere) fits; if the
+# machine is still warm after it (30 s), a second call can go on training (SWEEP persists there).
+# On an H200 (2026-11-27) one 204k variant took about 90 s to bench, compiles included (the
+# gamma-first training step alone compiles in 43 s). results/gpu/README.md has the commands.
 # Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
