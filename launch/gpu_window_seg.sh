@@ -24,7 +24,7 @@
 # included. One call with DEADLINE_S=530 (training ends 530 s after the start, whatever came
 # before it; packing takes seconds) and EVAL_CUT=0 (score cut runs elsewhere) fits; if the
 # machine is still warm after it (30 s), a second call can go on training (SWEEP persists there).
-# On an H200 (2026-11-27) one 204k variant took about 90 s to bench, compiles included (the
+# On an H200 (2026-11-27) one 204k variant took 40-100 s to bench, compiles included (the
 # gamma-first training step alone compiles in 43 s). results/gpu/README.md has the commands.
 # Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
