@@ -44,6 +44,9 @@ def main(_):
     if FLAGS.rotation_sensitivity < 0:
         fail(f"--rotation_sensitivity must be >= 0, got {FLAGS.rotation_sensitivity}")
     if FLAGS.rotation_sensitivity:
+        if FLAGS.test_rotation is not None or FLAGS.n_test is not None:
+            fail("--rotation_sensitivity=N scores the first N test digits both canonical and rotated; "
+                 "drop --test_rotation and --n_test")
         return rotation_sensitivity(FLAGS.rotation_sensitivity)
     try:
         if FLAGS.workdir:

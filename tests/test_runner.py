@@ -98,6 +98,11 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600,
     )
     assert e.returncode == 1 and "error: " in e.stderr and "segmenter" in e.stderr and "Traceback" not in e.stderr
+    e = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--workdir={full}", "--rotation_sensitivity=4", "--n_test=8"],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600,
+    )
+    assert e.returncode == 1 and "drop --test_rotation and --n_test" in e.stderr
     info = [rec["info"] for rec in _records(full) if "info" in rec][0]
     assert info["params"] > 0 and info["steps_per_epoch"] == 96 // 8 and info["start_step"] == 0
     assert info["steps_per_call"] == 1
