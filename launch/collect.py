@@ -23,15 +23,10 @@ import os
 import shutil
 import sys
 
-from launch.pack import run_dirs
-from launch.run_grid import final_test, read_records
+from launch.pack import finished, run_dirs
 
 FILES = ("config.json", "metrics.jsonl", "summary.md", "predictions_R.png", "predictions_NR.png")
 TASK_DIRS = ("classify", "segment")
-
-
-def finished(run_dir: str) -> bool:
-    return final_test(read_records(run_dir)) is not None
 
 
 def collect(sweep: str, into: str, replace: bool = False, dry_run: bool = False) -> list[tuple[str, str]]:

@@ -243,7 +243,8 @@ if [ -n "${DEADLINE_S:-}" ]; then  # training ends DEADLINE_S seconds after the 
   TRAIN_S=$(( DEADLINE_S - (T_TRAIN - T0) ))
   echo "training for $TRAIN_S s (deadline $DEADLINE_S s after the start)" | tee -a "$OUT/env.txt"
 fi
-common=(--root="$SWEEP" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
+data_flags=(--python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz")
+common=(--root="$SWEEP" "${data_flags[@]}")
 SEG_PIDS=()
 if [ "$SEG_MODE" = run0 ]; then
   SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only=0 \
@@ -272,8 +273,7 @@ if [ -n "${CLS_EXTRA_ONLY:-}" ] && [ "$CLS_S" -gt 30 ]; then
   extra=(); for kv in ${CLS_EXTRA_SET:-}; do extra+=(--set "$kv"); done
   echo "== extra runs $CLS_EXTRA_ONLY (${CLS_EXTRA_SET:-}) in $SWEEP/extra" >> "$OUT/sweep_cls.log"
   timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_EXTRA_ONLY" \
-    --jobs=1 --root="$SWEEP/extra" --python="$PY" --set source=npz --set "digits_npz=$PWD/.whl/data/{dataset}.npz" \
-    "${CLS_SET[@]}" "${extra[@]}" >> "$OUT/sweep_cls.log" 2>&1
+    --jobs=1 --root="$SWEEP/extra" "${data_flags[@]}" "${CLS_SET[@]}" "${extra[@]}" >> "$OUT/sweep_cls.log" 2>&1
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
 fi
 if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then

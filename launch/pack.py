@@ -72,7 +72,8 @@ def pack_best(sweep: str, out: str) -> str:
     return path
 
 
-def _finished(run_dir: str) -> bool:
+def finished(run_dir: str) -> bool:
+    """Has the run a final test record (``launch.run_grid.final_test``)?"""
     from launch.run_grid import final_test, read_records  # lazy: run_grid imports the library
 
     return final_test(read_records(run_dir)) is not None
@@ -89,11 +90,11 @@ def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES) ->
     stderr and left out whole."""
     path = os.path.join(out, "sweep_state.tgz")
     runs = [d for d in run_dirs(sweep) if "/s2cnn" in d]
-    runs.sort(key=_finished)  # False (unfinished) first; stable, so in path order within each
+    runs.sort(key=finished)  # False (unfinished) first; stable, so in path order within each
     budget = budget_bytes
     with tarfile.open(path, "w:gz") as tar:
         for d in runs:
-            subs = ("best",) if _finished(d) else ("best", "checkpoints")
+            subs = ("best",) if finished(d) else ("best", "checkpoints")
             subs = [s for s in subs if os.path.isdir(os.path.join(d, s))]
             size = sum(_dir_bytes(os.path.join(d, s)) for s in subs)
             if size > budget:
