@@ -320,7 +320,7 @@ def _parse(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every run, e.g. --set source=npz --set digits_npz=/data/mnist.npz "
                         "(repeatable; give the same overrides again to resume)")
-    p.add_argument("--only", default=None, help="comma-separated run indices to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated run indices to run, in that order (default: all)")
     p.add_argument("--coordinator_address", default=None, help="multi-host: passed on to the run")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: passed on to the run")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: passed on to the run")
@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     grid_lib.write_manifest(runs, root, args.grid)
+    grid_runs = runs
     if args.index is not None:
         if not 0 <= args.index < len(runs):
             print(f"error: --index={args.index} is outside the grid's runs 0..{len(runs) - 1}", file=sys.stderr)
@@ -344,11 +345,18 @@ def main(argv=None) -> int:
         runs = [runs[args.index]]
     if args.only:
         try:
-            keep = {int(i) for i in args.only.split(",") if i.strip()}
+            keep = [int(i) for i in args.only.split(",") if i.strip()]
         except ValueError:
             print(f"error: --only takes comma-separated run indices, got {args.only!r}", file=sys.stderr)
             return 2
-        runs = [r for r in runs if r.index in keep]
+        by_index = {r.index: r for r in runs}
+        unknown = sorted({i for i in keep if i not in by_index})
+        if unknown:
+            print(f"error: --only names runs that are not in the grid {args.grid!r} (0..{len(grid_runs) - 1}"
+                  f"{', --index' if args.index is not None else ''}): {unknown}", file=sys.stderr)
+            return 2
+        # in the order given (a window's priorities), each run once
+        runs = [by_index[i] for i in dict.fromkeys(keep)]
     if args.list or args.dry_run:
         for r in runs:
             state = run_state(r, root)

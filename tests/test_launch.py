@@ -270,6 +270,16 @@ def test_subprocess_executor_and_index(tmp_path, monkeypatch):
     assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=11"]) == 2
 
 
+def test_only_keeps_the_given_order(tmp_path, capsys):
+    """``--only=5,0,3`` runs 5, then 0, then 3 (a window's priorities), not the grid's order."""
+    root = str(tmp_path / "sweep")
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--only=5,0,3,0", "--list"]) == 0
+    listed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert listed == [5, 0, 3]
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--only=1,99", "--list"]) == 2
+    assert "[99]" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- SLURM
 
 
