@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from launch import aggregate, grid, pack, run_grid, slurm
@@ -614,3 +615,24 @@ def test_collect_copies_finished_runs_without_checkpoints(tmp_path, capsys):
     assert (cut, "replaced") in collect.collect(str(sweep), str(into))
     assert collect.finished(str(into / cut))
     assert collect.main(["--sweep", str(tmp_path / "none"), "--into", str(into)]) == 2
+
+
+def test_carry_writes_the_npz_the_runs_read(tmp_path):
+    """launch.carry's digits file: the keys, dtypes and shapes ``--source=npz`` reads."""
+    from launch import carry
+    from sphere_jax import runner
+
+    rng = np.random.default_rng(0)
+    fake = {"train": (rng.integers(0, 256, (12, 28, 28)), np.arange(12) % 10),
+            "test": (rng.integers(0, 256, (5, 28, 28)), np.arange(5) % 10)}
+    path = str(tmp_path / "data" / "mnist.npz")
+    shapes = carry.write_npz("mnist", path, load=lambda d, split: fake[split])
+    assert shapes == {"train_images": [12, 28, 28], "train_labels": [12], "test_images": [5, 28, 28], "test_labels": [5]}
+    with np.load(path) as z:
+        assert z["train_images"].dtype == np.uint8 and z["test_labels"].dtype == np.int32
+        np.testing.assert_array_equal(z["train_images"], fake["train"][0])
+    assert not os.path.exists(path + ".tmp.npz")
+    runner.RunConfig(source="npz", digits_npz=str(tmp_path / "data" / "{dataset}.npz")).validate()
+    with pytest.raises(ValueError, match=r"not \[n, 28, 28\]"):
+        carry.write_npz("mnist", path, load=lambda d, split: (np.zeros((3, 28, 27)), np.zeros(3)))
+    assert carry.main(["--datasets=emnist", "--no_wheel", f"--out={tmp_path}"]) == 2
