@@ -133,6 +133,13 @@ def test_named_grids():
         seeds = sorted(r.config.seed for r in cls[:49] if r.config.model == model and r.config.train_rotate == train
                        and (r.augmentation in ("1", "fresh") if model.startswith("s2") else r.augmentation == "2"))
         assert seeds == [0, 1, 2], (model, train, seeds)
+    # the deep S2CNN trains the reference's 20 epochs (no early stop); everything else patience 4;
+    # run indices are the ones results and window scripts name (1 and 3: the deep S2CNN, seed 0)
+    assert {r.index for r in cls if r.config.patience == 0} == {
+        r.index for r in cls if r.config.model == "s2cnn_cls_deep"}
+    assert {r.config.patience for r in cls if r.config.model != "s2cnn_cls_deep"} == {4}
+    assert [cls[i].config.model for i in (0, 1, 2, 3, 4)] == [
+        "s2cnn_cls", "s2cnn_cls_deep", "s2cnn_cls", "s2cnn_cls_deep", "cnn_cls_68k"]
     first = grid.get_grid("gpu_classification_first")
     assert {r.name for r in first} <= {r.name for r in cls}  # the same runs, so a window's results count
     red = grid.get_grid("reduced_cpu")
