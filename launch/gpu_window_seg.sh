@@ -51,11 +51,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
 PY=${PYTHON:-python3}
 # default: the runs of paper_classification still missing, in the issue's order (after the
-# 2026-11-27 H200 window): the deep S2CNN's MNIST seeds (35, 32, 36), its FashionMNIST seed 0
-# (NR, R), then the 4M CNN's MNIST levels 2, 8, 16 and its two cut runs (4 copies, fresh), then the
-# 1M CNN's levels 2, 8, 16. The 68k and 250k CNNs' levels run on
+# second 2026-11-27 H200 window), run in this order (launch.run_grid --only keeps it): the deep
+# S2CNN's MNIST runs with its 20-epoch schedule (seeds 1, 2 trained R; seed 2 NR; runs 1 and 31
+# again), its FashionMNIST seed 0 (R, NR), then the 1M CNN's level 16 and the 4M CNN's MNIST
+# levels 2, 8, 16 and its two cut runs (4 copies, fresh). The 68k and 250k CNNs' levels run on
 # CPU (results/classification/README.md).
-CLS_ONLY=${CLS_ONLY-35,32,36,50,52,24,26,27,25,28,18,20,21}
+CLS_ONLY=${CLS_ONLY-35,36,32,1,31,52,50,21,24,26,27,25,28}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-600}

@@ -212,6 +212,37 @@ class RunSetup:
         return self._test_data
 
 
+def _input_norm(model) -> str | None:
+    """The S2CNN's input normalisation ("rms" | "none"); ``None`` for models without one."""
+    return getattr(getattr(model, "config", None), "input_norm", None)
+
+
+def _check_input_norm(workdir: str, setup: RunSetup) -> None:
+    """Refuse to restore an S2CNN whose checkpoint was trained with another input normalisation
+    than the model now has: its predictions would be silently wrong. ``fit`` records the
+    normalisation in ``metrics.jsonl``'s info records; segmenter workdirs from before it did were
+    trained with "rms" (the segmenters' default until 2026-11-27, "none" since)."""
+    want = _input_norm(setup.model)
+    if want is None:
+        return
+    recorded = None
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            try:
+                info = json.loads(line).get("info")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(info, dict) and "input_norm" in info:
+                recorded = info["input_norm"]
+    if recorded is None and setup.task == "segment" and want != "rms":
+        raise RunError(f"{workdir}: this {setup.cfg.model} was trained before the S2CNN segmenters took their inputs "
+                       f"as they are (input_norm 'rms' then, {want!r} now; metrics.jsonl records none); "
+                       f"its checkpoints do not fit the model any more: train it again")
+    if recorded is not None and recorded != want:
+        raise RunError(f"{workdir}: trained with input_norm {recorded!r}, but {setup.cfg.model} now has {want!r}")
+
+
 def _check_workdir(workdir: str, cfg: RunConfig) -> None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
@@ -425,6 +456,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     bad_evals = 0
     train_seconds = 0.0
     if latest.latest_step() is not None:
+        _check_input_norm(workdir, setup)
         restored = _restore(latest, latest.latest_step(), _ckpt(state), "latest")
         state = state.replace(**restored)
         if best.latest_step() is not None:
@@ -441,7 +473,8 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
                                      "device": jax.devices()[0].device_kind, "devices": n_dev,
                                      "steps_per_epoch": stream.steps_per_epoch, "start_step": start,
-                                     "steps_per_call": K}})
+                                     "steps_per_call": K,
+                                     **({"input_norm": _input_norm(setup.model)} if _input_norm(setup.model) else {})}})
     bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
     t0 = time.time()
     losses = []
@@ -661,6 +694,7 @@ def restore_variables(workdir: str, which: str = "best", mesh=None, setup: RunSe
     step = manager.latest_step()
     if step is None:
         raise RunError(f"no checkpoint in {workdir}; train first")
+    _check_input_norm(workdir, setup)
     rep = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     with_sharding = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), t)
     params, model_state = train.split_variables(setup.abstract_variables())
