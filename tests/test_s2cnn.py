@@ -158,8 +158,11 @@ def test_segmenter_is_equivariant_to_grid_z_rotations():
 
 def test_bfloat16_grids_cost_equivariance_but_stay_close(monkeypatch):
     """SPHERE_JAX_GRID_DTYPE=bfloat16 (gamma-first layers only): the same segmenter rounds its
-    SO(3) grids to 8 significant bits. Measured at L=7: z-shift equivariance error 8e-3 (float32:
-    4e-7), logits 1.0e-2 and parameter gradients 1.5e-2 from float32's (relative to the largest)."""
+    SO(3) grids to 8 significant bits. Measured at L=7, inits 0-3, inputs as they are and at RMS
+    60: z-shift equivariance error 5.5e-3 - 8.8e-3 (float32: 3e-7 - 5e-7), logits 6.8e-3 - 1.2e-2
+    from float32's (relative to the largest), every parameter's gradient 6.9e-3 - 1.9e-2 from
+    float32's (relative to its own largest). The biases' gradients, which sum a whole grid, were
+    0.2-0.26 off while that sum ran in bfloat16; it runs in float32 now."""
     monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
     monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
     L = 7
@@ -179,14 +182,15 @@ def test_bfloat16_grids_cost_equivariance_but_stay_close(monkeypatch):
         y_shift = apply(v, jnp.roll(x, 3, axis=2), tables)
         out[dt] = (y, float(jnp.abs(y_shift - jnp.roll(y, 3, axis=2)).max() / jnp.abs(y).max()))
         g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, tables) ** 2)))(v["params"])
-        grads[dt] = jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
-        assert grads[dt].dtype == jnp.float32
+        grads[dt] = jax.tree.leaves(g)
+        assert all(a.dtype == jnp.float32 for a in grads[dt])
     (y32, err32), (y16, err16) = out["float32"], out["bfloat16"]
     assert err32 < 1e-5
     assert 1e-4 < err16 < 0.03
     rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
     assert 1e-4 < rel(y16, y32) < 0.04
-    assert rel(grads["bfloat16"], grads["float32"]) < 0.06
+    leaf_errors = [rel(a, b) for a, b in zip(grads["bfloat16"], grads["float32"])]
+    assert len(leaf_errors) == 8 and max(leaf_errors) < 0.05, leaf_errors
     monkeypatch.setenv("SPHERE_JAX_GRID_DTYPE", "float16")
     with pytest.raises(ValueError, match="SPHERE_JAX_GRID_DTYPE"):
         m.apply(v, x, tables)
