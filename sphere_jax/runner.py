@@ -470,11 +470,12 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         order = (None, None)  # (epoch, its order replicated)
 
     start = int(state.step)
+    input_norm = _input_norm(setup.model)  # S2CNNs: recorded, so that a restore can check it
     _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
                                      "device": jax.devices()[0].device_kind, "devices": n_dev,
                                      "steps_per_epoch": stream.steps_per_epoch, "start_step": start,
                                      "steps_per_call": K,
-                                     **({"input_norm": _input_norm(setup.model)} if _input_norm(setup.model) else {})}})
+                                     **({"input_norm": input_norm} if input_norm else {})}})
     bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
     t0 = time.time()
     losses = []
