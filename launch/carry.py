@@ -16,6 +16,7 @@ About 41 MB in all; name ``.whl`` in a device call's ``carry``.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def download_wheel(out: str, version: str | None = None) -> int:
         from importlib.metadata import version as installed
 
         version = installed("s2fft")
+    for old in glob.glob(os.path.join(out, "s2fft-*.whl")):  # one version only: two stop the install there
+        if not os.path.basename(old).startswith(f"s2fft-{version}-"):
+            os.remove(old)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", "-d", out, f"s2fft=={version}"]
     for p in WHEEL_PLATFORMS:
