@@ -47,7 +47,8 @@ def write_npz(dataset: str, path: str, load=None) -> dict:
 
 
 def download_wheel(out: str, version: str | None = None) -> int:
-    """``pip download`` s2fft (the installed version unless ``version``) for the GPU image."""
+    """``pip download`` s2fft (the installed version unless ``version``) for the GPU image into
+    ``out``, after removing s2fft wheels of other versions there; returns pip's exit status."""
     if version is None:
         from importlib.metadata import version as installed
 
@@ -73,16 +74,24 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown datasets {bad}; choose from {DATASETS}", file=sys.stderr)
         return 2
-    if not args.no_wheel and download_wheel(args.out) != 0:
-        print("error: pip download of s2fft failed (a package index must be reachable)", file=sys.stderr)
-        return 1
+    if not args.no_wheel:
+        from importlib.metadata import PackageNotFoundError
+
+        try:
+            rc = download_wheel(args.out)
+        except PackageNotFoundError:
+            print("error: s2fft is not installed here (pip install -e .), so its version is unknown", file=sys.stderr)
+            return 1
+        if rc != 0:
+            print("error: pip download of s2fft failed (a package index must be reachable)", file=sys.stderr)
+            return 1
     from sphere_jax.data.digits import DigitsSourceError
 
     for d in datasets:
         path = os.path.join(args.out, "data", f"{d}.npz")
         try:
             shapes = write_npz(d, path)
-        except DigitsSourceError as e:
+        except (DigitsSourceError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"wrote {path}: {shapes}")

@@ -47,6 +47,7 @@ def card_of(workdir: str, name: str) -> dict:
         "seed": cfg.seed, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
         "n_train_digits": "all minus hold-out" if cfg.n_train == 0 else cfg.n_train, "n_holdout": cfg.n_holdout,
         "device": info.get("device"),
+        **({"input_norm": info["input_norm"]} if "input_norm" in info else {}),  # S2CNNs (runner.fit records it)
         "test": {rot: {k: rec["test"][k] for k in keep if k in rec["test"]} for rot, rec in sorted(tests.items())},
         "command": f"python -m {entry} " + " ".join(flags) + " --workdir=runs/" + name,
         "evaluate": f"python -m experiments.evaluate --pretrained={name} --test_rotation=so3 --n_test=0",

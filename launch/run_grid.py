@@ -349,11 +349,15 @@ def main(argv=None) -> int:
         except ValueError:
             print(f"error: --only takes comma-separated run indices, got {args.only!r}", file=sys.stderr)
             return 2
+        if not keep:
+            print(f"error: --only names no run, got {args.only!r}", file=sys.stderr)
+            return 2
         by_index = {r.index: r for r in runs}
         unknown = sorted({i for i in keep if i not in by_index})
         if unknown:
-            print(f"error: --only names runs that are not in the grid {args.grid!r} (0..{len(grid_runs) - 1}"
-                  f"{', --index' if args.index is not None else ''}): {unknown}", file=sys.stderr)
+            where = (f"the run --index={args.index} selects" if args.index is not None
+                     else f"the grid {args.grid!r} (0..{len(grid_runs) - 1})")
+            print(f"error: --only names runs that are not in {where}: {unknown}", file=sys.stderr)
             return 2
         # in the order given (a window's priorities), each run once
         runs = [by_index[i] for i in dict.fromkeys(keep)]

@@ -117,7 +117,8 @@ def _check_fit(card_: dict, variables) -> None:
 def load(name: str):
     """``(model, variables)`` of a shipped model; ``model.apply(variables, x, tables)`` gives
     its logits. Raises ``KeyError`` for an unknown name and ``ValueError`` for a file that does
-    not fit its model (corrupt or edited)."""
+    not fit its model (corrupt or edited) or an S2CNN whose card records another input
+    normalisation than the model now has."""
     import jax.numpy as jnp
 
     c = card(name)
@@ -130,6 +131,9 @@ def load(name: str):
     variables = unflatten(flat)
     _check_fit(c, variables)
     model, _ = _abstract(c)
+    norm = getattr(getattr(model, "config", None), "input_norm", None)
+    if "input_norm" in c and c["input_norm"] != norm:  # cards record it since 2026-11-27
+        raise ValueError(f"{name} was trained with input_norm {c['input_norm']!r}, but {c['model']} now has {norm!r}")
     return model, {k: _to_jnp(v, jnp) for k, v in variables.items()}
 
 

@@ -378,7 +378,10 @@ def _initial_variables(setup: RunSetup, key) -> dict:
     if not cfg.init_from:
         return variables
     if os.path.isdir(cfg.init_from):
-        src, _, _ = restore_variables(cfg.init_from)
+        try:
+            src, _, _ = restore_variables(cfg.init_from)
+        except RunError as e:
+            raise RunError(f"--init_from={cfg.init_from!r}: {e}") from None
     else:
         from sphere_jax import pretrained
 

@@ -138,8 +138,18 @@ def test_named_grids():
     assert {r.index for r in cls if r.config.patience == 0} == {
         r.index for r in cls if r.config.model == "s2cnn_cls_deep"}
     assert {r.config.patience for r in cls if r.config.model != "s2cnn_cls_deep"} == {4}
-    assert [cls[i].config.model for i in (0, 1, 2, 3, 4)] == [
-        "s2cnn_cls", "s2cnn_cls_deep", "s2cnn_cls", "s2cnn_cls_deep", "cnn_cls_68k"]
+    named = {  # the runs that results/ and launch/gpu_window_seg.sh name by index
+        1: "mnist-d1-L30/s2cnn_cls_deep/NR-R-aug1-seed0", 3: "mnist-d1-L30/s2cnn_cls_deep/R-R-augfresh-seed0",
+        4: "mnist-d1-L30/cnn_cls_68k/NR-NR-aug1-seed0", 18: "mnist-d1-L30/cnn_cls_1m/R-R-aug2-seed0",
+        21: "mnist-d1-L30/cnn_cls_1m/R-R-aug16-seed0", 24: "mnist-d1-L30/cnn_cls_4m/R-R-aug2-seed0",
+        28: "mnist-d1-L30/cnn_cls_4m/R-R-augfresh-seed0", 31: "mnist-d1-L30/s2cnn_cls_deep/NR-R-aug1-seed1",
+        32: "mnist-d1-L30/s2cnn_cls_deep/NR-R-aug1-seed2", 33: "mnist-d1-L30/s2cnn_cls/R-R-augfresh-seed1",
+        35: "mnist-d1-L30/s2cnn_cls_deep/R-R-augfresh-seed1", 36: "mnist-d1-L30/s2cnn_cls_deep/R-R-augfresh-seed2",
+        50: "fashion_mnist-d1-L30/s2cnn_cls_deep/NR-R-aug1-seed0",
+        52: "fashion_mnist-d1-L30/s2cnn_cls_deep/R-R-augfresh-seed0",
+        61: "fashion_mnist-d1-L30/cnn_cls_250k/R-R-aug2-seed0", 62: "fashion_mnist-d1-L30/cnn_cls_250k/R-R-aug4-seed0",
+    }
+    assert {i: cls[i].name for i in named} == {i: "classify/" + n for i, n in named.items()}
     first = grid.get_grid("gpu_classification_first")
     assert {r.name for r in first} <= {r.name for r in cls}  # the same runs, so a window's results count
     red = grid.get_grid("reduced_cpu")
@@ -286,6 +296,12 @@ def test_only_keeps_the_given_order(tmp_path, capsys):
     assert listed == [5, 0, 3]
     assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--only=1,99", "--list"]) == 2
     assert "[99]" in capsys.readouterr().err
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--only=,", "--list"]) == 2
+    assert "names no run" in capsys.readouterr().err
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=2", "--only=3", "--list"]) == 2
+    assert "the run --index=2 selects: [3]" in capsys.readouterr().err
+    assert run_grid.main(["--grid=reduced_cpu", f"--root={root}", "--index=2", "--only=2", "--list"]) == 0
+    assert capsys.readouterr().out.split()[0] == "2"
 
 
 # --------------------------------------------------------------------------- SLURM

@@ -261,6 +261,9 @@ def test_a_segmenter_trained_with_another_input_normalisation_is_refused(tmp_pat
     rewrite({"input_norm": "rms"})
     with pytest.raises(runner.RunError, match="trained with input_norm 'rms'"):
         runner.restore_params(str(wd))
+    with pytest.raises(runner.RunError, match="--init_from=.*trained with input_norm 'rms'"):  # fine-tuning from it
+        runner.fit(dataclasses.replace(cfg, init_from=str(wd)), str(tmp_path / "tuned"), progress=False)
+    assert not os.path.exists(tmp_path / "tuned")
 
 
 def test_npz_source_reads_the_users_digits(tmp_path):
@@ -360,6 +363,10 @@ def test_pretrained_models_round_trip_and_evaluate(tmp_path, monkeypatch):
     assert os.path.exists(rec["figure"])
     with pytest.raises(KeyError, match="no pretrained model 'nope'"):
         pretrained.load("nope")
+    # a card that records another input normalisation than the model has now is refused
+    pretrained.save("tiny", variables, dict(card, input_norm="rms"))
+    with pytest.raises(ValueError, match="trained with input_norm 'rms'"):
+        pretrained.load("tiny")
     # a corrupt file is refused
     np.savez(tmp_path / "zoo" / "tiny" / "variables.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="do not fit"):

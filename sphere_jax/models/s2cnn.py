@@ -36,10 +36,10 @@ def default_max_beta(L_in: int) -> float:
 
 
 INPUT_NORMS = ("rms", "none")
-# Every input is scaled to this area-weighted RMS over the sphere (input_norm="rms"): the
-# reference's operating point. Its digits are 0..255 floats, and canonical MNIST digits in that
+# Every classifier input is scaled to this area-weighted RMS over the sphere (input_norm="rms"):
+# the reference's operating point. Its digits are 0..255 floats, and canonical MNIST digits in that
 # range have an area-weighted RMS of 59.4 on the sphere (measured on 1,000 training digits at
-# L = 12, 30 and 50; 30 to 99 per digit). At our [0, 1] scale the S2CNNs learn far more slowly
+# L = 12, 30 and 50; 30 to 99 per digit). At our [0, 1] scale the S2CNN classifiers learn far more slowly
 # (Adam's steps are absolute: zero-initialised biases and the dense output layer must grow by
 # orders of magnitude); measured on the Cohen classifier at L=12, 1,000 steps: hold-out 48 % at
 # [0, 1], 64 % at unit RMS, 68 % at RMS 40, 66 % with the reference's x255 (see the
@@ -206,7 +206,10 @@ def _check_input(x, L, C, name):
 
 
 class S2CNNSegmenter(nn.Module):
-    """Equivariant segmenter: ``[B, 2L_in, 2L_in-1, C] -> [B, 2L_out, 2L_out-1, num_classes]``."""
+    """Equivariant segmenter: ``[B, 2L_in, 2L_in-1, C] -> [B, 2L_out, 2L_out-1, num_classes]``.
+
+    With the default ``input_norm="none"`` it is scale-dependent: it expects the pipeline's digits
+    in [0, 1] (0..255 inputs saturate its untrained logits; see ``SEGMENTER_INPUT_NORM``)."""
 
     config: S2CNNSegmenterConfig = S2CNNSegmenterConfig()
 
