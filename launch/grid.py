@@ -201,9 +201,9 @@ _CLS_FULL = dict(source="tfds", L=30, n_train=0, n_holdout=2000, n_test=0, batch
 _CLS_FULL_CNN = dict(_CLS_FULL, learning_rate=1e-3)  # 5e-3 leaves the global-pooling family at chance (CPU runs)
 # The deep S2CNN trains the reference's full 20 epochs (no early stop; the best hold-out checkpoint
 # is still the one tested): with patience 4 its hold-out, which swings 1-2 points between
-# half-epochs, stopped run 3 (R, seed 0) at 6.5 epochs with 96.94 % on rotated test digits; the
-# same run trained 20 epochs peaked on the hold-out at epoch 16 (98.15 %) and scored 98.12 %
-# (H200, 2026-11-27; results/classification/README.md).
+# half-epochs, stopped run 3 (R, seed 0) at 6.5 epochs with 96.94 % on rotated test digits; run 3
+# trained again for 20 epochs rose on the hold-out until epoch 16 (98.15 %) and scored 98.12 %
+# (H200, 2026-11-27; one seed, another trajectory: results/classification/README.md).
 _CLS_FULL_DEEP = dict(_CLS_FULL, patience=0)
 _SEEDS = (0, 1, 2)
 CNN_CLASSIFIERS = ("cnn_cls_68k", "cnn_cls_250k", "cnn_cls_1m", "cnn_cls_4m")
