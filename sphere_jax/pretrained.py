@@ -131,7 +131,9 @@ def load(name: str):
     variables = unflatten(flat)
     _check_fit(c, variables)
     model, _ = _abstract(c)
-    norm = getattr(getattr(model, "config", None), "input_norm", None)
+    from sphere_jax.models.s2cnn import input_norm_of
+
+    norm = input_norm_of(model)
     if "input_norm" in c and c["input_norm"] != norm:  # cards record it since 2026-11-27
         raise ValueError(f"{name} was trained with input_norm {c['input_norm']!r}, but {c['model']} now has {norm!r}")
     return model, {k: _to_jnp(v, jnp) for k, v in variables.items()}

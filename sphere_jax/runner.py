@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from sphere_jax import harmonics, metrics, train
 from sphere_jax.data import pipeline, sphere
-from sphere_jax.models import registry
+from sphere_jax.models import registry, s2cnn
 
 SOURCES = ("tfds", "synthetic", "npz")
 
@@ -212,29 +212,19 @@ class RunSetup:
         return self._test_data
 
 
-def _input_norm(model) -> str | None:
-    """The S2CNN's input normalisation ("rms" | "none"); ``None`` for models without one."""
-    return getattr(getattr(model, "config", None), "input_norm", None)
-
-
 def _check_input_norm(workdir: str, setup: RunSetup) -> None:
     """Refuse to restore an S2CNN whose checkpoint was trained with another input normalisation
     than the model now has: its predictions would be silently wrong. ``fit`` records the
     normalisation in ``metrics.jsonl``'s info records; segmenter workdirs from before it did were
     trained with "rms" (the segmenters' default until 2026-11-27, "none" since)."""
-    want = _input_norm(setup.model)
+    want = s2cnn.input_norm_of(setup.model)
     if want is None:
         return
     recorded = None
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                info = json.loads(line).get("info")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(info, dict) and "input_norm" in info:
-                recorded = info["input_norm"]
+    for rec in _log_records(workdir):
+        info = rec.get("info")
+        if isinstance(info, dict) and "input_norm" in info:
+            recorded = info["input_norm"]
     if recorded is None and setup.task == "segment" and want != "rms":
         raise RunError(f"{workdir}: this {setup.cfg.model} was trained before the S2CNN segmenters took their inputs "
                        f"as they are (input_norm 'rms' then, {want!r} now; metrics.jsonl records none); "
@@ -473,7 +463,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         order = (None, None)  # (epoch, its order replicated)
 
     start = int(state.step)
-    input_norm = _input_norm(setup.model)  # S2CNNs: recorded, so that a restore can check it
+    input_norm = s2cnn.input_norm_of(setup.model)  # S2CNNs: recorded, so that a restore can check it
     _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
                                      "device": jax.devices()[0].device_kind, "devices": n_dev,
                                      "steps_per_epoch": stream.steps_per_epoch, "start_step": start,
@@ -595,41 +585,45 @@ def _ckpt(state) -> dict:
     return out
 
 
+def _log_records(workdir) -> list[dict]:
+    """The records of ``metrics.jsonl`` (none if it is missing), skipping a line cut short by a kill."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    for line in open(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def _seconds_from_log(workdir, step) -> float:
     """Training seconds logged up to ``step`` (so a resumed run's clock continues)."""
     secs = 0.0
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "preempted" in rec:  # a SIGTERM between evaluations: its clock counts too
-                rec = rec["preempted"]
-            elif "train_loss" not in rec:
-                continue
-            if rec["step"] <= step:
-                secs = max(secs, float(rec.get("seconds", 0.0)))
+    for rec in _log_records(workdir):
+        if "preempted" in rec:  # a SIGTERM between evaluations: its clock counts too
+            rec = rec["preempted"]
+        elif "train_loss" not in rec:
+            continue
+        if rec["step"] <= step:
+            secs = max(secs, float(rec.get("seconds", 0.0)))
     return secs
 
 
 def _best_score_from_log(workdir, task):
     """``(best hold-out score, evaluations since it)`` from ``metrics.jsonl``."""
     best, since = -math.inf, 0
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if "holdout" in rec:
-                score = _score(task, rec["holdout"])
-                if score > best:
-                    best, since = score, 0
-                else:
-                    since += 1
+    for rec in _log_records(workdir):
+        if "holdout" in rec:
+            score = _score(task, rec["holdout"])
+            if score > best:
+                best, since = score, 0
+            else:
+                since += 1
     return best, since
 
 

@@ -53,6 +53,13 @@ REFERENCE_INPUT_RMS = 60.0
 SEGMENTER_INPUT_NORM = "none"
 
 
+def input_norm_of(model) -> str | None:
+    """A model's input normalisation, ``"rms"`` or ``"none"`` for an S2CNN; ``None`` for models
+    without one (the planar CNNs). Runs and model cards record it, so that a checkpoint is not
+    restored into a model that normalises differently."""
+    return getattr(getattr(model, "config", None), "input_norm", None)
+
+
 def _check_norm(v):
     if v not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {v!r}")
