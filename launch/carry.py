@@ -11,7 +11,10 @@ but neither s2fft nor TFDS. This writes
   :func:`sphere_jax.data.digits.load_digits` (offline sources: ``scripts/install_digit_sources.sh``),
   for ``--source=npz --digits_npz=OUT/data/{dataset}.npz``.
 
-About 41 MB in all; name ``.whl`` in a device call's ``carry``.
+About 41 MB in all; name ``.whl`` in a device call's ``carry``. After a window of
+``launch/gpu_window_seg.sh``, unpack its ``xla_cache.tgz`` into ``.whl/xla`` (at most 15 MB:
+the compiled programs of the runs, loaded by the next window on the same kind of GPU); this
+module leaves that folder alone.
 """
 from __future__ import annotations
 

@@ -43,8 +43,10 @@
 # NOTRITON=0 (no retry without Triton GEMMs), EVAL_CUT=0 (cut runs not scored here),
 # CLS_EXTRA_ONLY / CLS_EXTRA_SET (runs of paper_classification trained first with other settings,
 # space-separated KEY=VALUE, in $SWEEP/extra),
-# SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps). Carry .whl/ (s2fft
-# wheel, .whl/data/{mnist,fashion_mnist}.npz). Runs resume: unpack sweep_state.tgz into $SWEEP first.
+# SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps), XLA_CACHE (the train
+# stage's compilation cache, default .whl/xla). Carry .whl/ (s2fft wheel,
+# .whl/data/{mnist,fashion_mnist}.npz, .whl/xla: the last window's xla_cache.tgz unpacked, at most
+# 15 MB). Runs resume: unpack sweep_state.tgz into $SWEEP first.
 set -u
 TRAIN_S=${1:?seconds of training}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -240,6 +242,14 @@ fi
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
 if stage train; then
 T_TRAIN=$(date +%s)
+# the runs' compiled programs: loaded from, and added to, the cache carried in .whl/xla (XLA_CACHE
+# overrides), which comes back as xla_cache.tgz; a bare machine otherwise compiles every model
+# again (the 204k segmenter's training step: 43 s on an H200). The benchmarks above never use it.
+if [ -n "${SMOKE:-}" ]; then XLA_CACHE=${XLA_CACHE:-$SWEEP/xla}; fi  # CPU programs stay out of .whl
+export SPHERE_JAX_COMPILATION_CACHE=${XLA_CACHE:-$PWD/.whl/xla}
+mkdir -p "$SPHERE_JAX_COMPILATION_CACHE"
+echo "compilation cache $SPHERE_JAX_COMPILATION_CACHE: $(find "$SPHERE_JAX_COMPILATION_CACHE" -type f | wc -l) files carried" \
+  | tee -a "$OUT/env.txt"
 if [ -n "${DEADLINE_S:-}" ]; then  # training ends DEADLINE_S seconds after the script's start
   TRAIN_S=$(( DEADLINE_S - (T_TRAIN - T0) ))
   echo "training for $TRAIN_S s (deadline $DEADLINE_S s after the start)" | tee -a "$OUT/env.txt"
@@ -313,9 +323,12 @@ unset SPHERE_JAX_TRANSFORMS
 echo "interim evaluations done after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
 fi  # stage train
 
-# 4. aggregate and pack (7 files in $OUT: env.txt, benchmark.jsonl, sweep_seg.log or
-#    input_scale.log, sweep_cls.log, interim.log, sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with
-#    the S2CNN runs' best and latest checkpoints)
+# 4. aggregate and pack (at most 6 files in $OUT, of the 8 that may come back: env.txt,
+#    benchmark.jsonl, logs.tgz (sweep_seg.log or input_scale.log, sweep_cls.log, interim.log),
+#    sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with the S2CNN
+#    runs' best and latest checkpoints, xla_cache.tgz; the caller's own tee makes 7)
 $PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>> "$OUT/env.txt"
-$PY -m launch.pack --sweep="$SWEEP" --out="$OUT" --checkpoints=state
+$PY -m launch.pack --sweep="$SWEEP" --out="$OUT" --checkpoints=state --cache="${SPHERE_JAX_COMPILATION_CACHE:-}"
+logs=(); for f in sweep_seg.log input_scale.log sweep_cls.log interim.log; do [ -f "$OUT/$f" ] && logs+=("$f"); done
+if [ ${#logs[@]} -gt 0 ] && tar czf "$OUT/logs.tgz" -C "$OUT" "${logs[@]}"; then (cd "$OUT" && rm -f "${logs[@]}"); fi
 echo "done after $(( $(date +%s) - T0 )) s"

@@ -516,6 +516,34 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
     assert pack.main(["--sweep", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
+def test_pack_cache_keeps_the_newest_compiled_programs_within_its_budget(tmp_path):
+    """launch.pack --cache: the compilation cache's files, newest first, under the size budget
+    (a file too big for what is left is skipped, an older smaller one still goes in); paths
+    relative to the cache, so the archive unpacks into .whl/xla; nothing written for an empty
+    cache."""
+    import tarfile
+
+    cache, out = tmp_path / "xla", tmp_path / "out"
+    os.makedirs(cache / "xla_gpu_per_fusion_autotune_cache_dir")
+    files = {"jit_step-a-cache": 600, "jit_predict-b-cache": 500, "jit_init-c-cache": 300,
+             "xla_gpu_per_fusion_autotune_cache_dir/d": 100}
+    for age, (name, size) in enumerate(files.items()):  # the first is the newest
+        (cache / name).write_bytes(b"x" * size)
+        os.utime(cache / name, (1e9 - age * 100, 1e9 - age * 100))
+    path = pack.pack_cache(str(cache), str(out), budget_bytes=1000)
+    assert sorted(tarfile.open(path).getnames()) == ["jit_init-c-cache", "jit_step-a-cache",
+                                                     "xla_gpu_per_fusion_autotune_cache_dir/d"]
+    path = pack.pack_cache(str(cache), str(out), budget_bytes=1500)
+    assert sorted(tarfile.open(path).getnames()) == sorted(files)
+    os.remove(path)
+    assert pack.main(["--sweep", str(tmp_path), "--out", str(out), "--cache", str(cache)]) == 0
+    assert len(tarfile.open(out / "xla_cache.tgz").getnames()) == 4
+    os.remove(out / "xla_cache.tgz")
+    os.makedirs(tmp_path / "empty")
+    assert pack.pack_cache(str(tmp_path / "empty"), str(out)) is None
+    assert not (out / "xla_cache.tgz").exists()
+
+
 def test_share_check_runs_processes_together_and_sums_their_rates(capsys):
     """launch.share_check: K workers released at once; the total is the sum of their rates, the
     K=1 row is the reference (vs_one 1.0), a members row counts member-steps; a worker that fails
