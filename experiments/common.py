@@ -56,6 +56,8 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("checkpoint_every", 200, "steps between checkpoints")
     flags.DEFINE_integer("patience", 0, "stop after this many evaluations without improvement (0: never)")
     flags.DEFINE_integer("seed", 0, "seed of everything random")
+    flags.DEFINE_bool("test_every_eval", False, "also score the test digits at every evaluation (a test-set learning "
+                      "curve in metrics.jsonl, as the reference code prints per epoch); never used to choose or stop")
     flags.DEFINE_string("init_from", None, "fine-tune: start from a pretrained model's parameters "
                         "(a name of sphere_jax.pretrained.names(), or a run's workdir)")
     flags.DEFINE_string("workdir", f"runs/{task}", "run directory (config, checkpoints, metrics)")
@@ -90,6 +92,7 @@ def config() -> runner.RunConfig:
         checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience, seed=FLAGS.seed,
         digits_dir=FLAGS.digits_dir, data_dir=FLAGS.data_dir, digits_npz=FLAGS.digits_npz,
         init_from=FLAGS.init_from, min_separation_deg=FLAGS.min_separation_deg, digit_scale=FLAGS.digit_scale,
+        test_every_eval=FLAGS.test_every_eval,
     )
 
 

@@ -113,6 +113,8 @@ def config_flags(cfg: RunConfig) -> list[str]:
         flags.append(f"--digits_npz={cfg.digits_npz}")
     if cfg.init_from is not None:
         flags.append(f"--init_from={cfg.init_from}")
+    if cfg.test_every_eval:
+        flags.append("--test_every_eval")
     return flags
 
 

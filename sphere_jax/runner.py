@@ -74,6 +74,10 @@ class RunConfig:
     init_from: str | None = None  # fine-tune: start from these parameters (a pretrained name or a workdir)
     min_separation_deg: float = 90.0  # scenes of several digits: smallest angle between digit centres
     digit_scale: float = 1.0  # digit size on the sphere (1: the study's projection)
+    # also score the test digits at every evaluation (record "test_at_eval"): a learning curve on
+    # the test set, as the reference code prints after each epoch; never used to choose a
+    # checkpoint or to stop
+    test_every_eval: bool = False
 
     def stream_config(self, rotate: bool, copies: int | None = None):
         """The :class:`~sphere_jax.data.pipeline.StreamConfig` of this run's digits."""
@@ -499,6 +503,8 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
                 score = _score(task, hold)
                 rec = {"step": done, "epoch": stream.epoch_of(done - 1), "epochs": round(done / stream.steps_per_epoch, 3),
                        "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
+                if cfg.test_every_eval:  # after "seconds": the test pass is not training time
+                    rec["test_at_eval"] = evaluate_variables(setup, state.variables)["test"]
                 _append_jsonl(workdir, rec)
                 bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
                 if score > best_score:

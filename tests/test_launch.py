@@ -170,6 +170,7 @@ def test_run_flags_reproduce_the_config(task):
     """The flags a run is launched with give back exactly its RunConfig (else the runner would see
     a conflict in the workdir)."""
     runs = [r for r in grid.expand(SMALL) + grid.get_grid("reduced_cpu") if r.task == task]
+    runs += grid.with_overrides(runs[:1], {"test_every_eval": True})
     code = (
         "import sys, json, dataclasses\n"
         f"import experiments.{task}\n"

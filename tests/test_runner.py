@@ -171,6 +171,28 @@ def test_classifiers_learn(tmp_path, model, task, L, steps, chance_margin):
     assert res["test"]["accuracy"] > 0.1 + chance_margin
 
 
+def test_test_every_eval_records_a_test_curve_that_never_chooses(tmp_path):
+    """--test_every_eval: each evaluation record also scores the test digits ("test_at_eval",
+    the run's test rotation and test seed), and the final test of the best checkpoint equals
+    the curve's entry at the step the hold-out chose; without it, no such entry. Selection and
+    stopping still read the hold-out only."""
+    cfg = runner.RunConfig(
+        model="cnn_cls_68k", source="synthetic", L=12, n_train=256, n_holdout=32, n_test=48, batch_size=16,
+        steps=12, eval_every=3, checkpoint_every=3, learning_rate=5e-3, train_rotate=True, copies=None,
+        test_every_eval=True,
+    )
+    res = runner.fit(cfg, str(tmp_path / "a"), progress=False)
+    evals = [r for r in _records(tmp_path / "a") if "holdout" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    assert all(r["test_at_eval"]["n"] == 48 and 0 <= r["test_at_eval"]["accuracy"] <= 1 for r in evals)
+    scores = [r["holdout"]["accuracy"] for r in evals]
+    chosen = evals[scores.index(max(scores))]  # the first best hold-out score is the best checkpoint
+    assert res["checkpoint_step"] == chosen["step"]
+    assert res["test"]["accuracy"] == chosen["test_at_eval"]["accuracy"]
+    runner.fit(dataclasses.replace(cfg, test_every_eval=False, steps=3), str(tmp_path / "b"), progress=False)
+    assert not any("test_at_eval" in r for r in _records(tmp_path / "b"))
+
+
 # Thresholds on digit mIoU from seeds 0-5 of this exact run (2-core Intel VM): s2cnn_seg_small
 # 0.100-0.401 (seeds 0-4, inputs as they are, 2026-11-27; 0.43-0.65 at RMS 60 on these synthetic
 # digits); cnn_218k 0.127-0.256, and 0.069 on a 2-core AMD EPYC (XLA's conv path). Chance:
