@@ -216,9 +216,11 @@ fi
 # classification grid? launch.share_check with 1 and 4 processes, and 4 vmapped copies in one
 # process (rows "share" in benchmark.jsonl); with MPS=1 the processes again under the MPS daemon
 # (rows "share-mps"), stopped right after.
+share_L() { case $1 in cnn_218k|cnn_1m|cnn_5_5m|s2cnn_204k|s2cnn_seg_small) echo "$L" ;; *) echo "$CLS_L" ;; esac; }
 if stage share; then
+  # the segmentation CNNs (SHARE_MODELS="cnn_218k cnn_5_5m") at the segmentation band-limit
   for m in ${SHARE_MODELS:-s2cnn_cls cnn_cls_4m}; do
-    $PY -m launch.share_check --model="$m" --L="$CLS_L" --procs="${SHARE_PROCS:-1,4}" --members="${SHARE_MEMBERS-4}" \
+    $PY -m launch.share_check --model="$m" --L="$(share_L "$m")" --procs="${SHARE_PROCS:-1,4}" --members="${SHARE_MEMBERS-4}" \
       --seconds=5 --label=share \
       2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
   done
@@ -227,7 +229,7 @@ if stage share; then
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
       for m in ${SHARE_MODELS:-s2cnn_cls cnn_cls_4m}; do
-        $PY -m launch.share_check --model="$m" --L="$CLS_L" --procs="${SHARE_PROCS:-1,4}" --seconds=5 --label=share-mps \
+        $PY -m launch.share_check --model="$m" --L="$(share_L "$m")" --procs="${SHARE_PROCS:-1,4}" --seconds=5 --label=share-mps \
           2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
       done
       echo quit | nvidia-cuda-mps-control
