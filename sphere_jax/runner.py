@@ -475,6 +475,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
                                      **({"input_norm": input_norm} if input_norm else {})}})
     bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
     t0 = time.time()
+    test_s = 0.0  # seconds spent on --test_every_eval's test passes
     losses = []
     stopped_early = cfg.patience and bad_evals >= cfg.patience
     with _SigtermFlag() as preempted:
@@ -502,9 +503,12 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
                 hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
                 score = _score(task, hold)
                 rec = {"step": done, "epoch": stream.epoch_of(done - 1), "epochs": round(done / stream.steps_per_epoch, 3),
-                       "train_loss": mean_loss, "holdout": hold, "seconds": round(train_seconds + time.time() - t0, 2)}
-                if cfg.test_every_eval:  # after "seconds": the test pass is not training time
+                       "train_loss": mean_loss, "holdout": hold,
+                       "seconds": round(train_seconds + time.time() - t0 - test_s, 2)}
+                if cfg.test_every_eval:  # not training time: left out of "seconds", now and later
+                    t_test = time.time()
                     rec["test_at_eval"] = evaluate_variables(setup, state.variables)["test"]
+                    test_s += time.time() - t_test
                 _append_jsonl(workdir, rec)
                 bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
                 if score > best_score:
@@ -525,7 +529,8 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
             if preempted.raised:
                 if latest.latest_step() != done:
                     _save(latest, done, state)
-                _append_jsonl(workdir, {"preempted": {"step": done, "seconds": round(train_seconds + time.time() - t0, 2)}})
+                seconds = round(train_seconds + time.time() - t0 - test_s, 2)
+                _append_jsonl(workdir, {"preempted": {"step": done, "seconds": seconds}})
                 raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
                                 f"in {workdir}: run the same command to resume")
     bar.close()

@@ -171,7 +171,7 @@ def test_classifiers_learn(tmp_path, model, task, L, steps, chance_margin):
     assert res["test"]["accuracy"] > 0.1 + chance_margin
 
 
-def test_test_every_eval_records_a_test_curve_that_never_chooses(tmp_path):
+def test_test_every_eval_records_a_test_curve_that_never_chooses(tmp_path, monkeypatch):
     """--test_every_eval: each evaluation record also scores the test digits ("test_at_eval",
     the run's test rotation and test seed), and the final test of the best checkpoint equals
     the curve's entry at the step the hold-out chose; without it, no such entry. Selection and
@@ -181,9 +181,22 @@ def test_test_every_eval_records_a_test_curve_that_never_chooses(tmp_path):
         steps=12, eval_every=3, checkpoint_every=3, learning_rate=5e-3, train_rotate=True, copies=None,
         test_every_eval=True,
     )
+    import time
+
+    slow, pause = runner.evaluate_variables, 2.0
+
+    def slow_test(*a, **k):  # a test pass that takes 2 s more: not training time
+        time.sleep(pause)
+        return slow(*a, **k)
+
+    monkeypatch.setattr(runner, "evaluate_variables", slow_test)
     res = runner.fit(cfg, str(tmp_path / "a"), progress=False)
     evals = [r for r in _records(tmp_path / "a") if "holdout" in r]
     assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    # "seconds" leaves the test passes out: 3 compiled steps and a 32-digit hold-out pass between
+    # evaluations take far less than the 2 s each test pass now lasts
+    secs = [r["seconds"] for r in evals]
+    assert all(0 <= b - a < pause for a, b in zip(secs[1:], secs[2:])), secs
     assert all(r["test_at_eval"]["n"] == 48 and 0 <= r["test_at_eval"]["accuracy"] <= 1 for r in evals)
     scores = [r["holdout"]["accuracy"] for r in evals]
     chosen = evals[scores.index(max(scores))]  # the first best hold-out score is the best checkpoint
