@@ -23,31 +23,30 @@ BT = np.array([[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]], np.float32)   # [xi,
 G = np.array([[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]], np.float32)       # [xi, a]
 AT = np.array([[1,1,1,0],[0,1,-1,-1]], np.float32)                        # [o, xi]
 
-def _lin(pieces, Mx, My):
-    """pieces: dict (i,j)->array ; returns dict (xi,nu) -> sum_ij Mx[xi,i] My[nu,j] pieces[i,j] (sparse 0/±1/.5)."""
+
+def _combine(pieces, M, i_first):
+    """One 1-D transform of a dict of tiles: out[.., xi, ..] = sum_i M[xi, i] pieces[.., i, ..],
+    over the first index of the keys (``i_first``) or the second; M's entries are 0, +-1 or 0.5."""
     out = {}
-    ni, nj = Mx.shape[1], My.shape[1]
-    # rows first
-    rows = {}
-    for xi in range(Mx.shape[0]):
-        for j in range(nj):
+    keys_other = sorted({k[1] if i_first else k[0] for k in pieces})
+    for xi in range(M.shape[0]):
+        for o in keys_other:
             acc = None
-            for i in range(ni):
-                c = Mx[xi, i]
-                if c == 0: continue
-                t = pieces[i, j] if c == 1 else (-pieces[i, j] if c == -1 else c * pieces[i, j])
+            for i in range(M.shape[1]):
+                c = M[xi, i]
+                if c == 0:
+                    continue
+                t = pieces[(i, o) if i_first else (o, i)]
+                t = t if c == 1 else (-t if c == -1 else c * t)
                 acc = t if acc is None else acc + t
-            rows[xi, j] = acc
-    for xi in range(Mx.shape[0]):
-        for nu in range(My.shape[0]):
-            acc = None
-            for j in range(nj):
-                c = My[nu, j]
-                if c == 0: continue
-                t = rows[xi, j] if c == 1 else (-rows[xi, j] if c == -1 else c * rows[xi, j])
-                acc = t if acc is None else acc + t
-            out[xi, nu] = acc
+            out[(xi, o) if i_first else (o, xi)] = acc
     return out
+
+
+def _lin(pieces, Mx, My):
+    """pieces: {(i, j): tile} -> {(xi, nu): sum_ij Mx[xi, i] My[nu, j] pieces[i, j]}."""
+    return _combine(_combine(pieces, Mx, True), My, False)
+
 
 def _V(x):
     B, H, W, C = x.shape
@@ -56,8 +55,10 @@ def _V(x):
     V = _lin(d, BT, BT)
     return jnp.stack([V[k] for k in sorted(V)]).reshape(16, B * Th * Tw, C)
 
+
 def _U(w):
     return jnp.einsum("xa,yb,abio->xyio", G, G, w, precision=HI).reshape(16, w.shape[2], w.shape[3])
+
 
 def _out_from_M(M, B, Th, Tw):
     Co = M.shape[-1]
@@ -66,6 +67,7 @@ def _out_from_M(M, B, Th, Tw):
     y = jnp.stack([jnp.stack([Y[a, b] for b in range(2)], 0) for a in range(2)], 0)  # [2,2,N,Co]
     y = y.reshape(2, 2, B, Th, Tw, Co).transpose(2, 3, 0, 4, 1, 5)
     return y.reshape(B, 2 * Th, 2 * Tw, Co)
+
 
 def wfwd(x, w):
     B, H, W, C = x.shape
@@ -96,6 +98,7 @@ def w_adj(g, w, hw):
             par[p, r] = acc
     dx = jnp.stack([jnp.stack([par[p, r] for r in range(2)], 0) for p in range(2)], 0)
     return dx.transpose(2, 3, 0, 4, 1, 5).reshape(B, 2 * Th + 2, 2 * Tw + 2, C)
+
 
 def w_wgrad(x, g):
     B, Ho, Wo, Co = g.shape
