@@ -216,7 +216,10 @@ fi
 # classification grid? launch.share_check with 1 and 4 processes, and 4 vmapped copies in one
 # process (rows "share" in benchmark.jsonl); with MPS=1 the processes again under the MPS daemon
 # (rows "share-mps"), stopped right after.
-share_L() { case $1 in cnn_218k|cnn_1m|cnn_5_5m|s2cnn_204k|s2cnn_seg_small) echo "$L" ;; *) echo "$CLS_L" ;; esac; }
+share_L() {  # a model's band-limit here: the segmentation one for segmenters (the registry says which)
+  $PY -c 'import sys; from sphere_jax.models import cnn, s2cnn
+print(sys.argv[2] if sys.argv[1] in {**s2cnn.SEGMENTERS, **cnn.SEGMENTERS} else sys.argv[3])' "$1" "$L" "$CLS_L"
+}
 if stage share; then
   # the segmentation CNNs (SHARE_MODELS="cnn_218k cnn_5_5m") at the segmentation band-limit
   for m in ${SHARE_MODELS:-s2cnn_cls cnn_cls_4m}; do
