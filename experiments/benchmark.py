@@ -9,7 +9,9 @@ and batches 1, 4, 16 for a CPU. --layers=MODEL,...: instead, each equivariant la
 compiled alone (forward + backward at --train_batch) with its cost analysis, the bytes of its
 layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.md.
 --layouts=MODEL,...: each S2CNN under both SO(3) layouts in one process, timed alternately
-(DIR/layouts.json: times, paired ratio, XLA temporaries, tables, output difference). Every model is measured in its own subprocess (peak RSS).
+(DIR/layouts.json: times, paired ratio, XLA temporaries, tables, output difference).
+--profile=MODEL,...: trace a few training steps of each model and attribute the traced time to
+layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling). Every model is measured in its own subprocess (peak RSS).
 """
 import json
 import os
@@ -47,6 +49,12 @@ flags.DEFINE_list("layers", None, "instead of whole models: per-layer accounting
 flags.DEFINE_list("layouts", None, "instead of whole models: these S2CNNs built under each SO(3) layout "
                   "(channels_last, gamma_first) in one process, timed alternately (--layouts_what, --train_batch or "
                   "the first --infer_batches, --repeats rounds); writes layouts.json")
+flags.DEFINE_list("profile", None, "instead of whole models: trace --profile_steps training steps of each model "
+                  "(--L or its study band-limit, --train_batch) and say where the time goes per layer, direction "
+                  "and operation (sphere_jax.profiling); writes profile.json and profile.md")
+flags.DEFINE_integer("profile_steps", 3, "--profile: traced steps (after two untraced ones)")
+flags.DEFINE_bool("profile_keep_trace", False, "--profile: also keep each trace in DIR, gzipped "
+                  "(profile_MODEL_L.._b...xplane.pb.gz; read it with jax.profiler.ProfileData)")
 flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts: time the training step or inference")
 flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
                   "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
@@ -182,7 +190,33 @@ def layout_comparison():
     print(f"wrote {FLAGS.out}/layouts.json")
 
 
+def step_profiles():
+    from sphere_jax import profiling
+
+    rows, text = [], ""
+    for name in FLAGS.profile:
+        try:
+            benchmark.model_task(name)
+        except ValueError as e:
+            raise app.UsageError(str(e))
+        case = {"profile": name, "L": FLAGS.L or benchmark.study_L(name, FLAGS.reduced),
+                "batch": FLAGS.train_batch or 1, "steps": FLAGS.profile_steps}
+        if FLAGS.profile_keep_trace:
+            case["keep_trace"] = os.path.abspath(FLAGS.out)
+        rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+        text += profiling.profile_markdown(rows[-1]) + "\n"
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops"}), flush=True)
+    with open(os.path.join(FLAGS.out, "profile.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(FLAGS.out, "profile.md"), "w") as f:
+        f.write(text)
+    print(text + f"wrote {FLAGS.out}/profile.json, profile.md")
+
+
 def main(_):
+    if FLAGS.profile:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return step_profiles()
     if FLAGS.transforms_L:
         os.makedirs(FLAGS.out, exist_ok=True)
         return compare_transforms()

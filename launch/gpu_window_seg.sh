@@ -26,7 +26,8 @@
 # machine is still warm after it (30 s), a second call can go on training (SWEEP persists there).
 # On an H200 (2026-11-27) one 204k variant took 40-100 s to bench, compiles included (the
 # gamma-first training step alone compiles in 43 s). results/gpu/README.md has the commands.
-# Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
+# Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "profile" adds a
+# traced training step per PROFILE_MODELS, time per layer and operation, in profile.tgz; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
@@ -55,10 +56,10 @@ PY=${PYTHON:-python3}
 # default: the runs of paper_classification still missing, in the issue's order (after the
 # second 2026-11-27 H200 window), run in this order (launch.run_grid --only keeps it): the deep
 # S2CNN's MNIST runs with its 20-epoch schedule (seeds 1, 2 trained R; seed 2 NR; runs 1 and 31
-# again), its FashionMNIST seed 0 (R, NR), then the 1M CNN's level 16 and the 4M CNN's MNIST
-# levels 2, 8, 16 and its two cut runs (4 copies, fresh). The 68k and 250k CNNs' levels run on
+# again), its FashionMNIST seed 0 (R, NR), then the 4M CNN's MNIST levels 2, 8, 16 and its two
+# cut runs (4 copies, fresh). The 68k and 250k CNNs' levels, and the 1M's level 16 (run 21), run on
 # CPU (results/classification/README.md).
-CLS_ONLY=${CLS_ONLY-35,36,32,1,31,52,50,21,24,26,27,25,28}
+CLS_ONLY=${CLS_ONLY-35,36,32,1,31,52,50,24,26,27,25,28}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-600}
@@ -242,6 +243,21 @@ if stage share; then
     echo "MPS=1: nvidia-cuda-mps-control not found" | tee -a "$OUT/env.txt"
   fi
   grep '"label": "share' "$OUT/benchmark.jsonl" | cut -c1-300
+fi
+
+# 1c. (STAGES with "profile") issue 10: where the step's time goes on this GPU, per layer,
+# forward / backward and operation: PROFILE_MODELS (default "s2cnn_204k s2cnn_cls_deep", each at
+# its study band-limit, batch 32) traced for 3 steps with the best variant; profile.tgz holds
+# profile.json, profile.md and the gzipped traces (read them with jax.profiler.ProfileData).
+# About a minute per model, compiles included.
+if stage profile; then
+  prof_L=(); [ -n "${SMOKE:-}" ] && prof_L=(--L="$L")
+  SPHERE_JAX_TRANSFORMS=$BEST $PY -m experiments.benchmark --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k s2cnn_cls_deep} | tr ' ' ,)" \
+    "${prof_L[@]}" --train_batch=32 --profile_steps=3 --profile_keep_trace --out="$OUT/profile" > "$OUT/.profile.log" 2>&1
+  grep -v '^{' "$OUT/.profile.log" | grep -E '^(###|\||wrote)' | head -80 | tee -a "$OUT/env.txt"
+  tail -3 "$OUT/.profile.log" | grep -iE 'error|traceback' | tee -a "$OUT/env.txt"
+  mv "$OUT/.profile.log" "$OUT/profile/profile.log" 2>/dev/null
+  tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
 fi
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S

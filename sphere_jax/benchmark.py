@@ -519,14 +519,14 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"model": case.get("model") or case.get("layers") or case.get("layout_model"), "transforms": case.get("transforms"), "L": case["L"],
+        return {"model": case.get("model") or case.get("layers") or case.get("layout_model") or case.get("profile"), "transforms": case.get("transforms"), "L": case["L"],
                 "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         # the exception line, not JAX's "removed its internal frames" notice
         errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
-        return {"model": case.get("model") or case.get("layers") or case.get("layout_model"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
+        return {"model": case.get("model") or case.get("layers") or case.get("layout_model") or case.get("profile"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 
@@ -601,6 +601,8 @@ def plot_latency(rows: list[dict], path: str) -> str:
 
 if __name__ == "__main__":
     _case = json.loads(sys.argv[1])
-    _run = (transforms_case if "transforms" in _case else layer_case if "layers" in _case
+    if "profile" in _case:
+        from sphere_jax.profiling import profile_case as _profile_case
+    _run = (_profile_case if "profile" in _case else transforms_case if "transforms" in _case else layer_case if "layers" in _case
             else layout_case if "layout_model" in _case else run_case)
     print(json.dumps(_run(_case)))

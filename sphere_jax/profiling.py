@@ -1,0 +1,209 @@
+"""Where a compiled training step spends its time, per layer and per operation, from a trace.
+
+``profile_case({"profile": MODEL, "L": L, "batch": B, "steps": 3})`` compiles the model's
+training step (:func:`sphere_jax.train.make_train_step`), runs ``steps`` of them under
+``jax.profiler.trace`` and reads the trace back with ``jax.profiler.ProfileData``: every event
+that names an HLO instruction of the step (the ``hlo_op`` and ``hlo_module`` stats) is
+attributed, through that instruction's ``op_name`` metadata in the compiled HLO, to
+
+- a **layer**: the model's submodule (``s2_conv``, ``so3_conv_0``, ..., ``Conv_0``); ``(step)``
+  for what lies outside the model (loss, optimizer);
+- a **direction**: ``forward`` (inside ``jvp(...)``), ``backward`` (inside ``transpose(...)``)
+  or ``other``;
+- an **operation**: the primitive (``dot_general``, ``transpose``, ...), with the einsum spec
+  when there is one.
+
+On a GPU the events are the kernels on the device's streams; on a CPU, the runtime's thunks
+(their times overlap across threads, so their sum can exceed the wall time). The result holds the
+wall time per step, the traced time per step, the rows per (layer, direction) and per
+operation, and the trace's lines (names, event counts) so that a new trace format shows itself.
+Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name=\"([^\"]*)\"", re.M)
+_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.M)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its ``op_name`` metadata, for every instruction of an HLO text
+    (``compiled.as_text()``) that carries one."""
+    return {m.group(1): m.group(2) for m in _INSTR.finditer(hlo_text)}
+
+
+def hlo_module_name(hlo_text: str) -> str | None:
+    m = _MODULE.search(hlo_text)
+    return m.group(1) if m else None
+
+
+def split_op_name(op_name: str, model_class: str) -> tuple[str, str, str]:
+    """``op_name`` (e.g. ``jit(step)/transpose(jvp(S2CNNSegmenter))/so3_conv_5/so3_conv_5._call/
+    nmzl,nmlt->nmzt/dot_general``) -> ``(layer, direction, operation)``: the component after the
+    model's own (``so3_conv_5``; ``(model)`` for ops of the model's top level; ``(step)`` outside
+    the model; wrappers such as ``jit(relu)`` and einsum specs are skipped), ``forward`` / ``backward`` / ``other``, and the last component with an einsum
+    spec before it when there is one (``nmzl,nmlt->nmzt dot_general``)."""
+    parts = [p for p in op_name.split("/") if p]
+    direction = "backward" if any(p.startswith("transpose(") for p in parts) else (
+        "forward" if any("jvp(" in p for p in parts) else "other")
+    layer = "(step)"
+    for i, p in enumerate(parts):
+        if model_class and re.search(rf"(^|\(){re.escape(model_class)}\)*$", p):
+            inner = [q for q in parts[i + 1 : -1] if not q.startswith("jit(") and "->" not in q]
+            layer = inner[0] if inner else "(model)"
+            break
+    op = parts[-1] if parts else "?"
+    if len(parts) >= 2 and "->" in parts[-2]:
+        op = f"{parts[-2]} {op}"
+    return layer, direction, op
+
+
+def trace_events(path: str, module: str | None) -> tuple[list[tuple[str, float]], list[dict], str]:
+    """``(events, lines, source)`` of a trace file (``*.xplane.pb``): ``events`` =
+    ``[(hlo_op, duration_ns)]`` of the events of HLO module ``module`` (any module if None or if
+    none matches). Device planes (``/device:...``) are read when there are any, else the host's.
+    On a device plane, kernels on the stream lines are counted, not the derived per-op lines
+    (which would count them twice) unless there are no stream lines. ``lines``: every line read,
+    with its event count and summed time; ``source``: ``device`` or ``host``."""
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(path)
+    planes = list(pd.planes)
+    device = [p for p in planes if p.name.startswith("/device:")]
+    source = "device" if device else "host"
+    chosen = device or [p for p in planes if p.name.startswith("/host:")]
+    per_line, lines = [], []
+    for plane in chosen:
+        for line in plane.lines:
+            evs = []
+            for e in line.events:
+                st = dict(e.stats)
+                if "hlo_op" in st:
+                    evs.append((str(st["hlo_op"]), str(st.get("hlo_module", "")), float(e.duration_ns)))
+            lines.append({"plane": plane.name, "line": line.name, "events": len(evs),
+                          "ms": round(sum(d for *_, d in evs) / 1e6, 3)})
+            per_line.append((line.name, evs))
+    if device:
+        streams = [evs for name, evs in per_line if name.lower().startswith("stream")]
+        if any(streams):
+            per_line = [("stream", evs) for evs in streams]
+    flat = [ev for _, evs in per_line for ev in evs]
+    mine = [(op, d) for op, mod, d in flat if module and (mod == module or mod.startswith(module + "."))]
+    return (mine or [(op, d) for op, _, d in flat]), lines, source
+
+
+def aggregate(events, op_names: dict[str, str], model_class: str, steps: int) -> dict:
+    """Per-step milliseconds by (layer, direction), by (layer, direction, operation) and by
+    operation kind, from ``[(hlo_op, duration_ns)]``. Instructions without ``op_name`` metadata
+    count under layer ``?`` with their HLO name as the operation."""
+    by_layer = collections.defaultdict(float)
+    by_op = collections.defaultdict(float)
+    calls = collections.Counter()
+    for hlo_op, ns in events:
+        name = op_names.get(hlo_op)
+        if name is None:
+            layer, direction, op = "?", "other", re.sub(r"\.\d+$", "", hlo_op)
+        else:
+            layer, direction, op = split_op_name(name, model_class)
+        ms = ns / 1e6 / steps
+        by_layer[(layer, direction)] += ms
+        by_op[(layer, direction, op)] += ms
+        calls[(layer, direction, op)] += 1
+    layers = {}
+    for (layer, direction), ms in by_layer.items():
+        layers.setdefault(layer, {"forward": 0.0, "backward": 0.0, "other": 0.0})[direction] += ms
+    return {
+        "traced_ms": round(sum(by_layer.values()), 3),
+        "layers": {k: {d: round(v, 3) for d, v in row.items()} for k, row in layers.items()},
+        "ops": [{"layer": l, "direction": d, "op": o, "ms": round(ms, 4), "calls_per_step": calls[(l, d, o)] / steps}
+                for (l, d, o), ms in sorted(by_op.items(), key=lambda kv: -kv[1])],
+    }
+
+
+def profile_case(case: dict) -> dict:
+    """Trace ``case["steps"]`` (default 3) training steps of ``case["profile"]`` (a model name) at
+    band-limit ``case["L"]`` and batch ``case["batch"]``, after two untraced ones; random inputs
+    ``[batch, 2L, 2L-1, 1]``. Returns ``model, L, batch, steps, device, step_s`` (median wall
+    time of the untraced steps), ``traced_ms`` (per step), ``source``, ``layers``, ``ops`` (see
+    :func:`aggregate`), ``lines`` and ``unattributed_ms`` (events without metadata). With
+    ``case["keep_trace"]`` = a directory, the trace is copied there, gzipped, as
+    ``profile_{model}_L{L}_b{batch}.xplane.pb.gz``."""
+    import jax
+    import optax
+
+    from sphere_jax import harmonics as hm
+    from sphere_jax import train
+    from sphere_jax.benchmark import _random_batch
+    from sphere_jax.models import registry
+
+    name, L, B = case["profile"], int(case["L"]), int(case["batch"])
+    steps = int(case.get("steps", 3))
+    if B < 1 or steps < 1:
+        raise ValueError(f"batch and steps must be >= 1, got {B}, {steps}")
+    model, task = registry.make_model(name, L_in=L)
+    tables = hm.build_tables(model.table_specs())
+    key = jax.random.key(0)
+    x, y = _random_batch(task, L, B, key)
+    params, model_state = train.split_variables(jax.jit(model.init)(key, x[:1], tables))
+    state = train.TrainState.create(params, optax.adam(1e-3), model_state)
+    step = train.make_train_step(model, task)
+    hlo = step.lower(state, tables, x, y).compile().as_text()
+    op_names, module = hlo_op_names(hlo), hlo_module_name(hlo)
+    walls = []
+    for _ in range(2 + steps):
+        t = time.perf_counter()
+        state, loss = step(state, tables, x, y)
+        jax.block_until_ready(loss)
+        walls.append(time.perf_counter() - t)
+    tmp = tempfile.mkdtemp(prefix="sphere_jax_profile_")
+    try:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                state, loss = step(state, tables, x, y)
+                jax.block_until_ready(loss)
+        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tmp}")
+        events, lines, source = trace_events(files[0], module)
+        if case.get("keep_trace"):
+            os.makedirs(case["keep_trace"], exist_ok=True)
+            dst = os.path.join(case["keep_trace"], f"profile_{name}_L{L}_b{B}.xplane.pb.gz")
+            with open(files[0], "rb") as src, gzip.open(dst, "wb") as out:
+                shutil.copyfileobj(src, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    agg = aggregate(events, op_names, type(model).__name__, steps)
+    return {
+        "model": name, "L": L, "batch": B, "steps": steps, "device": jax.devices()[0].device_kind,
+        "step_s": float(np.median(walls[2:])), "module": module, "source": source,
+        "unattributed_ms": round(agg["layers"].get("?", {}).get("other", 0.0), 3),
+        **agg, "lines": lines,
+    }
+
+
+def profile_markdown(r: dict, top: int = 20) -> str:
+    """A per-layer table (forward, backward, share of the traced time) and the ``top`` operations."""
+    if "error" in r:
+        return f"{r.get('model')}: error: {r['error']}\n"
+    tot = r["traced_ms"] or 1.0
+    out = [f"### {r['model']}, L={r['L']}, batch {r['batch']}, {r['device']}: wall {r['step_s'] * 1e3:.1f} ms per step, "
+           f"traced {r['traced_ms']:.1f} ms per step ({r['source']} events)\n",
+           "| layer | forward ms | backward ms | other ms | share |", "|---|---|---|---|---|"]
+    for layer, row in sorted(r["layers"].items(), key=lambda kv: -sum(kv[1].values())):
+        s = sum(row.values())
+        out.append(f"| {layer} | {row['forward']:.2f} | {row['backward']:.2f} | {row['other']:.2f} | {100 * s / tot:.1f} % |")
+    out += ["", f"Top {top} operations (ms per step):", "",
+            "| layer | direction | operation | ms | calls per step |", "|---|---|---|---|---|"]
+    for o in r["ops"][:top]:
+        out.append(f"| {o['layer']} | {o['direction']} | `{o['op']}` | {o['ms']:.3f} | {o['calls_per_step']:g} |")
+    return "\n".join(out) + "\n"

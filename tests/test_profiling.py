@@ -1,0 +1,61 @@
+"""The step profiler attributes traced time to the right layers, directions and operations."""
+import pytest
+
+from sphere_jax import profiling
+from sphere_jax.models import registry, s2cnn
+
+SEG = "S2CNNSegmenter"
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    ("jit(step)/jvp(S2CNNSegmenter)/so3_conv_0/so3_conv_0._call_gamma_first/nmzl,nmlt->nmzt/dot_general",
+     ("so3_conv_0", "forward", "nmzl,nmlt->nmzt dot_general")),
+    ("jit(step)/transpose(jvp(S2CNNSegmenter))/so3_to_s2/reduce_sum", ("so3_to_s2", "backward", "reduce_sum")),
+    ("jit(step)/jvp(S2CNNSegmenter)/jit(relu)/max", ("(model)", "forward", "max")),
+    ("jit(step)/jvp(S2CNNSegmenter)/kpbct,t->bc/dot_general", ("(model)", "forward", "kpbct,t->bc dot_general")),
+    ("jit(step)/add", ("(step)", "other", "add")),
+    ("jit(step)/transpose(jvp(softmax_cross_entropy))/mul", ("(step)", "backward", "mul")),
+    ("jit(predict)/S2CNNSegmenter/s2_conv/transpose", ("s2_conv", "other", "transpose")),
+])
+def test_op_names_split_into_layer_direction_and_operation(op_name, expected):
+    assert profiling.split_op_name(op_name, SEG) == expected
+
+
+def test_hlo_metadata_is_read_per_instruction():
+    hlo = ('HloModule jit_step, entry_computation_layout={}\n'
+           '  %fusion.3 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/add" source_file="a.py"}\n'
+           '  ROOT dot.7 = f32[2,2]{1,0} dot(%a, %b), metadata={op_type="dot" op_name="jit(step)/jvp(M)/l/dot_general"}\n'
+           '  %copy.1 = f32[4]{0} copy(%fusion.3)\n')
+    assert profiling.hlo_module_name(hlo) == "jit_step"
+    assert profiling.hlo_op_names(hlo) == {"fusion.3": "jit(step)/add", "dot.7": "jit(step)/jvp(M)/l/dot_general"}
+
+
+def test_aggregate_sums_per_step_and_keeps_unknown_instructions():
+    names = {"dot.1": "jit(step)/jvp(M)/a/dot_general", "dot.2": "jit(step)/transpose(jvp(M))/a/dot_general",
+             "fusion.5": "jit(step)/add"}
+    events = [("dot.1", 3e6), ("dot.1", 1e6), ("dot.2", 2e6), ("fusion.5", 0.5e6), ("copy.9", 1.5e6)]
+    r = profiling.aggregate(events, names, "M", steps=2)
+    assert r["layers"]["a"] == {"forward": 2.0, "backward": 1.0, "other": 0.0}
+    assert r["layers"]["(step)"]["other"] == 0.25
+    assert r["layers"]["?"]["other"] == 0.75
+    assert r["traced_ms"] == pytest.approx(4.0)
+    assert r["ops"][0] == {"layer": "a", "direction": "forward", "op": "dot_general", "ms": 2.0, "calls_per_step": 1.0}
+    assert {o["op"] for o in r["ops"] if o["layer"] == "?"} == {"copy"}
+
+
+def test_profile_of_a_small_s2cnn_step_covers_every_layer_both_ways(tmp_path):
+    L = 8
+    r = profiling.profile_case({"profile": "s2cnn_seg_small", "L": L, "batch": 2, "steps": 2, "keep_trace": str(tmp_path)})
+    model, _ = registry.make_model("s2cnn_seg_small", L_in=L)
+    names = [m.name for m in s2cnn.layer_modules(model)]
+    assert len(names) >= 3
+    for n in names:  # every equivariant layer runs forward and backward in the step
+        assert r["layers"][n]["forward"] > 0 and r["layers"][n]["backward"] > 0, (n, r["layers"])
+    total = sum(sum(row.values()) for row in r["layers"].values())
+    assert total == pytest.approx(r["traced_ms"], rel=1e-3, abs=0.01)
+    in_layers = sum(sum(r["layers"][n].values()) for n in names)
+    assert in_layers > 0.5 * r["traced_ms"]  # the equivariant layers are most of the step
+    assert r["unattributed_ms"] < 0.2 * r["traced_ms"]
+    assert r["module"] == "jit_step" and r["step_s"] > 0
+    assert (tmp_path / f"profile_s2cnn_seg_small_L{L}_b2.xplane.pb.gz").stat().st_size > 1000
+    assert "| layer | forward ms |" in profiling.profile_markdown(r)
