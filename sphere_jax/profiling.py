@@ -16,7 +16,7 @@ attributed, through that instruction's ``op_name`` metadata in the compiled HLO,
 On a GPU the events are the kernels on the device's streams; on a CPU, the runtime's thunks
 (their times overlap across threads, so their sum can exceed the wall time). The result holds the
 wall time per step, the traced time per step, the rows per (layer, direction) and per
-operation, and the trace's lines (names, event counts) so that a new trace format shows itself.
+operation (with the bytes of each operation's operands and results, and that rate), and the trace's lines (names, event counts) so that a new trace format shows itself.
 Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
 """
 from __future__ import annotations
@@ -40,6 +40,36 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     """Instruction name -> its ``op_name`` metadata, for every instruction of an HLO text
     (``compiled.as_text()``) that carries one."""
     return {m.group(1): m.group(2) for m in _INSTR.finditer(hlo_text)}
+
+
+_SHAPE = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8\w*)\[([\d,]*)\]")
+_ITEM = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+_ENTRY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^)]*\)|\S+)\s+([\w\-]+)\(([^)]*)\)")
+
+
+def _type_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        item = _ITEM.get(dtype) or (max(int(re.sub(r"\D", "", dtype) or 8), 8) // 8)
+        total += item * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def hlo_op_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each instruction of the ENTRY computation reads and writes: its result plus its
+    operands (their results), the way a kernel that streams them once would move them. A proxy
+    per kernel (caches and repeated reads are not seen); empty if the text has no ENTRY block."""
+    m = re.search(r"^ENTRY [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)
+    if not m:
+        return {}
+    result, operands = {}, {}
+    for line in m.group(1).splitlines():
+        i = _ENTRY_INSTR.match(line)
+        if i:
+            name, rtype, _, args = i.groups()
+            result[name] = _type_bytes(rtype)
+            operands[name] = [a.strip().lstrip("%") for a in args.split(",") if a.strip()]
+    return {n: result[n] + sum(result.get(a, 0) for a in operands[n]) for n in result}
 
 
 def hlo_module_name(hlo_text: str) -> str | None:
@@ -102,13 +132,17 @@ def trace_events(path: str, module: str | None) -> tuple[list[tuple[str, float]]
     return (mine or [(op, d) for op, _, d in flat]), lines, source
 
 
-def aggregate(events, op_names: dict[str, str], model_class: str, steps: int) -> dict:
-    """Per-step milliseconds by (layer, direction), by (layer, direction, operation) and by
-    operation kind, from ``[(hlo_op, duration_ns)]``. Instructions without ``op_name`` metadata
-    count under layer ``?`` with their HLO name as the operation."""
+def aggregate(events, op_names: dict[str, str], model_class: str, steps: int,
+              op_bytes: dict[str, int] | None = None) -> dict:
+    """Per-step milliseconds by (layer, direction) and by (layer, direction, operation), from
+    ``[(hlo_op, duration_ns)]``. Instructions without ``op_name`` metadata count under layer
+    ``?`` with their HLO name as the operation. With ``op_bytes`` (:func:`hlo_op_bytes`), each
+    operation row also gets ``gb`` (each traced instruction once per step, as a step runs it
+    once) and ``gbps`` (that over its time), and each layer its ``gb``."""
     by_layer = collections.defaultdict(float)
     by_op = collections.defaultdict(float)
     calls = collections.Counter()
+    instrs = collections.defaultdict(set)
     for hlo_op, ns in events:
         name = op_names.get(hlo_op)
         if name is None:
@@ -119,15 +153,20 @@ def aggregate(events, op_names: dict[str, str], model_class: str, steps: int) ->
         by_layer[(layer, direction)] += ms
         by_op[(layer, direction, op)] += ms
         calls[(layer, direction, op)] += 1
+        instrs[(layer, direction, op)].add(hlo_op)
     layers = {}
     for (layer, direction), ms in by_layer.items():
         layers.setdefault(layer, {"forward": 0.0, "backward": 0.0, "other": 0.0})[direction] += ms
-    return {
-        "traced_ms": round(sum(by_layer.values()), 3),
-        "layers": {k: {d: round(v, 3) for d, v in row.items()} for k, row in layers.items()},
-        "ops": [{"layer": l, "direction": d, "op": o, "ms": round(ms, 4), "calls_per_step": calls[(l, d, o)] / steps}
-                for (l, d, o), ms in sorted(by_op.items(), key=lambda kv: -kv[1])],
-    }
+    layers = {k: {d: round(v, 3) for d, v in row.items()} for k, row in layers.items()}
+    ops = []
+    for key, ms in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        row = {"layer": key[0], "direction": key[1], "op": key[2], "ms": round(ms, 4), "calls_per_step": calls[key] / steps}
+        if op_bytes is not None:
+            gb = sum(op_bytes.get(i, 0) for i in instrs[key]) / 1e9
+            row.update(gb=round(gb, 4), gbps=round(gb / (ms / 1e3), 2) if ms > 0 else None)
+            layers[key[0]]["gb"] = round(layers[key[0]].get("gb", 0.0) + gb, 4)
+        ops.append(row)
+    return {"traced_ms": round(sum(by_layer.values()), 3), "layers": layers, "ops": ops}
 
 
 def profile_case(case: dict) -> dict:
@@ -158,7 +197,7 @@ def profile_case(case: dict) -> dict:
     state = train.TrainState.create(params, optax.adam(1e-3), model_state)
     step = train.make_train_step(model, task)
     hlo = step.lower(state, tables, x, y).compile().as_text()
-    op_names, module = hlo_op_names(hlo), hlo_module_name(hlo)
+    op_names, module, op_bytes = hlo_op_names(hlo), hlo_module_name(hlo), hlo_op_bytes(hlo)
     walls = []
     for _ in range(2 + steps):
         t = time.perf_counter()
@@ -182,11 +221,12 @@ def profile_case(case: dict) -> dict:
                 shutil.copyfileobj(src, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    agg = aggregate(events, op_names, type(model).__name__, steps)
+    agg = aggregate(events, op_names, type(model).__name__, steps, op_bytes)
     return {
         "model": name, "L": L, "batch": B, "steps": steps, "device": jax.devices()[0].device_kind,
         "step_s": float(np.median(walls[2:])), "module": module, "source": source,
         "unattributed_ms": round(agg["layers"].get("?", {}).get("other", 0.0), 3),
+        "traced_gb": round(sum(o.get("gb", 0.0) for o in agg["ops"]), 3),
         **agg, "lines": lines,
     }
 
@@ -198,12 +238,15 @@ def profile_markdown(r: dict, top: int = 20) -> str:
     tot = r["traced_ms"] or 1.0
     out = [f"### {r['model']}, L={r['L']}, batch {r['batch']}, {r['device']}: wall {r['step_s'] * 1e3:.1f} ms per step, "
            f"traced {r['traced_ms']:.1f} ms per step ({r['source']} events)\n",
-           "| layer | forward ms | backward ms | other ms | share |", "|---|---|---|---|---|"]
-    for layer, row in sorted(r["layers"].items(), key=lambda kv: -sum(kv[1].values())):
-        s = sum(row.values())
-        out.append(f"| {layer} | {row['forward']:.2f} | {row['backward']:.2f} | {row['other']:.2f} | {100 * s / tot:.1f} % |")
-    out += ["", f"Top {top} operations (ms per step):", "",
-            "| layer | direction | operation | ms | calls per step |", "|---|---|---|---|---|"]
+           "| layer | forward ms | backward ms | other ms | share | GB (operands + results) |",
+           "|---|---|---|---|---|---|"]
+    ms_of = lambda row: row["forward"] + row["backward"] + row["other"]  # noqa: E731
+    for layer, row in sorted(r["layers"].items(), key=lambda kv: -ms_of(kv[1])):
+        out.append(f"| {layer} | {row['forward']:.2f} | {row['backward']:.2f} | {row['other']:.2f} | "
+                   f"{100 * ms_of(row) / tot:.1f} % | {row.get('gb', 0.0):.2f} |")
+    out += ["", f"Top {top} operations (per step; GB/s = the operation's operands + results over its time):", "",
+            "| layer | direction | operation | ms | calls | GB | GB/s |", "|---|---|---|---|---|---|---|"]
     for o in r["ops"][:top]:
-        out.append(f"| {o['layer']} | {o['direction']} | `{o['op']}` | {o['ms']:.3f} | {o['calls_per_step']:g} |")
+        out.append(f"| {o['layer']} | {o['direction']} | `{o['op']}` | {o['ms']:.3f} | {o['calls_per_step']:g} | "
+                   f"{o.get('gb', 0.0):.3f} | {o.get('gbps') or '-'} |")
     return "\n".join(out) + "\n"

@@ -51,11 +51,35 @@ def test_profile_of_a_small_s2cnn_step_covers_every_layer_both_ways(tmp_path):
     assert len(names) >= 3
     for n in names:  # every equivariant layer runs forward and backward in the step
         assert r["layers"][n]["forward"] > 0 and r["layers"][n]["backward"] > 0, (n, r["layers"])
-    total = sum(sum(row.values()) for row in r["layers"].values())
+    ms = lambda row: row["forward"] + row["backward"] + row["other"]  # noqa: E731
+    total = sum(ms(row) for row in r["layers"].values())
     assert total == pytest.approx(r["traced_ms"], rel=1e-3, abs=0.01)
-    in_layers = sum(sum(r["layers"][n].values()) for n in names)
+    in_layers = sum(ms(r["layers"][n]) for n in names)
+    assert r["traced_gb"] > 0 and all(r["layers"][n]["gb"] > 0 for n in names)
     assert in_layers > 0.5 * r["traced_ms"]  # the equivariant layers are most of the step
     assert r["unattributed_ms"] < 0.2 * r["traced_ms"]
     assert r["module"] == "jit_step" and r["step_s"] > 0
     assert (tmp_path / f"profile_s2cnn_seg_small_L{L}_b2.xplane.pb.gz").stat().st_size > 1000
     assert "| layer | forward ms |" in profiling.profile_markdown(r)
+
+
+def test_entry_instructions_count_their_operands_and_results():
+    hlo = ('HloModule m\n\n%fused (p: f32[8]) -> f32[8] {\n  %p = f32[8]{0} parameter(0)\n  ROOT %n = f32[8]{0} negate(%p)\n}\n\n'
+           'ENTRY %main (a: f32[64,32], b: f32[32,16]) -> (f32[16], bf16[4]) {\n'
+           '  %a = f32[64,32]{1,0} parameter(0), metadata={op_name="a"}\n'
+           '  %b = f32[32,16]{1,0} parameter(1)\n'
+           '  %dot.1 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fc, backend_config={"k":[]}\n'
+           '  %multi = (f32[16]{0}, bf16[4]{0}) fusion(%dot.1), kind=kInput, calls=%fr\n'
+           '  %gte = bf16[4]{0} get-tuple-element(%multi), index=1\n'
+           '  %c = f32[] constant(0)\n'
+           '  ROOT %t = (f32[16]{0}, bf16[4]{0}) tuple(%multi)\n}\n')
+    b = profiling.hlo_op_bytes(hlo)
+    assert b["dot.1"] == 4 * (64 * 16 + 64 * 32 + 32 * 16)
+    assert b["multi"] == 4 * 16 + 2 * 4 + 4 * 64 * 16
+    assert b["gte"] == 2 * 4 + (4 * 16 + 2 * 4)
+    assert b["c"] == 4 and "n" not in b  # scalars count; fused computations' insides do not
+    r = profiling.aggregate([("dot.1", 2e3), ("dot.1", 2e3)], {"dot.1": "jit(step)/jvp(M)/l/dot_general"}, "M",
+                            steps=2, op_bytes=b)
+    assert r["ops"][0]["gb"] == pytest.approx(b["dot.1"] / 1e9, abs=1e-4)  # once per step, not per event
+    assert r["ops"][0]["gbps"] == pytest.approx(b["dot.1"] / 1e9 / 2e-6, rel=0.01)
+    assert r["layers"]["l"]["gb"] == r["ops"][0]["gb"]
