@@ -250,13 +250,23 @@ fi
 # its study band-limit, batch 32) traced for 3 steps with the best variant; profile.tgz holds
 # profile.json, profile.md and the gzipped traces (read them with jax.profiler.ProfileData).
 # About a minute per model, compiles included.
+# Kernels in CUDA graphs carry the graph's annotation, not their own op: command buffers are off
+# for the trace (PROFILE_XLA_FLAGS), and the run is repeated without that flag if it fails.
 if stage profile; then
   prof_L=(); [ -n "${SMOKE:-}" ] && prof_L=(--L="$L")
-  SPHERE_JAX_TRANSFORMS=$BEST $PY -m experiments.benchmark --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k s2cnn_cls_deep} | tr ' ' ,)" \
-    "${prof_L[@]}" --train_batch=32 --profile_steps=3 --profile_keep_trace --out="$OUT/profile" > "$OUT/.profile.log" 2>&1
-  grep -v '^{' "$OUT/.profile.log" | grep -E '^(###|\||wrote)' | head -80 | tee -a "$OUT/env.txt"
-  tail -3 "$OUT/.profile.log" | grep -iE 'error|traceback' | tee -a "$OUT/env.txt"
-  mv "$OUT/.profile.log" "$OUT/profile/profile.log" 2>/dev/null
+  profile_run() {
+    local flags; flags=$(echo ${XLA_FLAGS:-} $1)  # no stray space: XLA reads " " as a file name
+    SPHERE_JAX_TRANSFORMS=$BEST XLA_FLAGS="$flags" $PY -m experiments.benchmark \
+      --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k s2cnn_cls_deep} | tr ' ' ,)" "${prof_L[@]}" --train_batch=32 \
+      --profile_steps=3 --profile_keep_trace --out="$OUT/profile" > "$OUT/.profile.log" 2>&1
+  }
+  profile_run "${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}"
+  if ! grep -q '"traced_ms"' "$OUT/profile/profile.json" 2>/dev/null; then
+    echo "profile with '${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}' failed; again without it" | tee -a "$OUT/env.txt"
+    profile_run ""
+  fi
+  grep -E '^(###|\||wrote|.*error)' "$OUT/.profile.log" | head -80 | tee -a "$OUT/env.txt"
+  mkdir -p "$OUT/profile" && mv "$OUT/.profile.log" "$OUT/profile/profile.log"
   tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
 fi
 

@@ -14,7 +14,10 @@ attributed, through that instruction's ``op_name`` metadata in the compiled HLO,
   when there is one.
 
 On a GPU the events are the kernels on the device's streams; on a CPU, the runtime's thunks
-(their times overlap across threads, so their sum can exceed the wall time). The result holds the
+(their times overlap across threads, so their sum can exceed the wall time). Kernels that XLA
+launches inside a CUDA graph (a command buffer) carry the graph's annotation, not their own:
+profile with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see each one (the window script
+does; the result records ``xla_flags``). The result holds the
 wall time per step, the traced time per step, the rows per (layer, direction) and per
 operation (with the bytes of each operation's operands and results, and that rate), and the trace's lines (names, event counts) so that a new trace format shows itself.
 Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
@@ -225,6 +228,7 @@ def profile_case(case: dict) -> dict:
     return {
         "model": name, "L": L, "batch": B, "steps": steps, "device": jax.devices()[0].device_kind,
         "step_s": float(np.median(walls[2:])), "module": module, "source": source,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "unattributed_ms": round(agg["layers"].get("?", {}).get("other", 0.0), 3),
         "traced_gb": round(sum(o.get("gb", 0.0) for o in agg["ops"]), 3),
         **agg, "lines": lines,
