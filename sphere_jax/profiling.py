@@ -60,8 +60,10 @@ def _type_bytes(text: str) -> int:
 
 def hlo_op_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes each instruction of the ENTRY computation reads and writes: its result plus its
-    operands (their results), the way a kernel that streams them once would move them. A proxy
-    per kernel (caches and repeated reads are not seen); empty if the text has no ENTRY block."""
+    operands (their results), the way a kernel that streams them once would move them; a
+    ``slice``, ``dynamic-slice`` or ``gather`` reads only what it writes. A proxy per kernel:
+    caches and repeated reads are not seen, and a fusion that reads part of an operand (a slice
+    fused in) counts all of it. Empty if the text has no ENTRY block."""
     m = re.search(r"^ENTRY [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)
     if not m:
         return {}
@@ -69,9 +71,11 @@ def hlo_op_bytes(hlo_text: str) -> dict[str, int]:
     for line in m.group(1).splitlines():
         i = _ENTRY_INSTR.match(line)
         if i:
-            name, rtype, _, args = i.groups()
+            name, rtype, opcode, args = i.groups()
             result[name] = _type_bytes(rtype)
             operands[name] = [a.strip().lstrip("%") for a in args.split(",") if a.strip()]
+            if opcode in ("slice", "dynamic-slice", "gather"):
+                operands[name] = [name]
     return {n: result[n] + sum(result.get(a, 0) for a in operands[n]) for n in result}
 
 

@@ -72,11 +72,13 @@ def test_entry_instructions_count_their_operands_and_results():
            '  %multi = (f32[16]{0}, bf16[4]{0}) fusion(%dot.1), kind=kInput, calls=%fr\n'
            '  %gte = bf16[4]{0} get-tuple-element(%multi), index=1\n'
            '  %c = f32[] constant(0)\n'
+           '  %sl = f32[8,32]{1,0} slice(%a), slice={[0:8], [0:32]}\n'
            '  ROOT %t = (f32[16]{0}, bf16[4]{0}) tuple(%multi)\n}\n')
     b = profiling.hlo_op_bytes(hlo)
     assert b["dot.1"] == 4 * (64 * 16 + 64 * 32 + 32 * 16)
     assert b["multi"] == 4 * 16 + 2 * 4 + 4 * 64 * 16
     assert b["gte"] == 2 * 4 + (4 * 16 + 2 * 4)
+    assert b["sl"] == 2 * 4 * 8 * 32  # reads what it writes, not all of %a
     assert b["c"] == 4 and "n" not in b  # scalars count; fused computations' insides do not
     r = profiling.aggregate([("dot.1", 2e3), ("dot.1", 2e3)], {"dot.1": "jit(step)/jvp(M)/l/dot_general"}, "M",
                             steps=2, op_bytes=b)
