@@ -267,6 +267,8 @@ if stage profile; then
   fi
   grep -E '^(###|\||wrote|.*error)' "$OUT/.profile.log" | head -80 | tee -a "$OUT/env.txt"
   mkdir -p "$OUT/profile" && mv "$OUT/.profile.log" "$OUT/profile/profile.log"
+  # a file over 16 MB would not come back: traces over 6 MB stay here (profile.json has the numbers)
+  find "$OUT/profile" -name '*.xplane.pb.gz' -size +6M -print -delete | sed 's/^/dropped (too big): /' | tee -a "$OUT/env.txt"
   tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
 fi
 
