@@ -246,7 +246,7 @@ if stage share; then
 fi
 
 # 1c. (STAGES with "profile") issue 10: where the step's time goes on this GPU, per layer,
-# forward / backward and operation: PROFILE_MODELS (default "s2cnn_204k s2cnn_cls_deep", each at
+# forward / backward and operation: PROFILE_MODELS (default "s2cnn_204k cnn_218k s2cnn_cls_deep", each at
 # its study band-limit, batch 32) traced for 3 steps with the best variant; profile.tgz holds
 # profile.json, profile.md and the gzipped traces (read them with jax.profiler.ProfileData).
 # About a minute per model, compiles included.
@@ -257,7 +257,7 @@ if stage profile; then
   profile_run() {
     local flags; flags=$(echo ${XLA_FLAGS:-} $1)  # no stray space: XLA reads " " as a file name
     SPHERE_JAX_TRANSFORMS=$BEST XLA_FLAGS="$flags" $PY -m experiments.benchmark \
-      --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k s2cnn_cls_deep} | tr ' ' ,)" "${prof_L[@]}" --train_batch=32 \
+      --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k cnn_218k s2cnn_cls_deep} | tr ' ' ,)" "${prof_L[@]}" --train_batch=32 \
       --profile_steps=3 --profile_keep_trace --out="$OUT/profile" > "$OUT/.profile.log" 2>&1
   }
   profile_run "${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}"
