@@ -356,10 +356,12 @@ unset SPHERE_JAX_TRANSFORMS
 echo "interim evaluations done after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
 fi  # stage train
 
-# 4. aggregate and pack (at most 6 files in $OUT, of the 8 that may come back: env.txt,
-#    benchmark.jsonl, logs.tgz (sweep_seg.log or input_scale.log, sweep_cls.log, interim.log),
-#    sweep_meta.tgz with every run's metadata and the aggregate, sweep_state.tgz with the S2CNN
-#    runs' best and latest checkpoints, xla_cache.tgz; the caller's own tee makes 7)
+# 4. aggregate and pack (at most 7 files in $OUT, of the 8 that may come back: env.txt,
+#    benchmark.jsonl (left out when no benchmark ran), profile.tgz (with the profile stage),
+#    logs.tgz (sweep_seg.log or input_scale.log, sweep_cls.log, interim.log), sweep_meta.tgz
+#    with every run's metadata and the aggregate, sweep_state.tgz with the S2CNN runs' best and
+#    latest checkpoints, xla_cache.tgz; the caller's own tee makes 8)
+[ -s "$OUT/benchmark.jsonl" ] || rm -f "$OUT/benchmark.jsonl"
 $PY -m launch.aggregate --root="$SWEEP" --out="$SWEEP/aggregate" > /dev/null 2>> "$OUT/env.txt"
 $PY -m launch.pack --sweep="$SWEEP" --out="$OUT" --checkpoints=state --cache="${SPHERE_JAX_COMPILATION_CACHE:-}"
 logs=(); for f in sweep_seg.log input_scale.log sweep_cls.log interim.log; do [ -f "$OUT/$f" ] && logs+=("$f"); done
