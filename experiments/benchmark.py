@@ -11,7 +11,8 @@ layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.
 --layouts=MODEL,...: each S2CNN under both SO(3) layouts in one process, timed alternately
 (DIR/layouts.json: times, paired ratio, XLA temporaries, tables, output difference).
 --profile=MODEL,...: trace a few training steps of each model and attribute the traced time to
-layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling). Every model is measured in its own subprocess (peak RSS).
+layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling).
+Every model is measured in its own subprocess (peak RSS).
 """
 import json
 import os

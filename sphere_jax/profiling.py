@@ -6,8 +6,9 @@ training step (:func:`sphere_jax.train.make_train_step`), runs ``steps`` of them
 that names an HLO instruction of the step (the ``hlo_op`` and ``hlo_module`` stats) is
 attributed, through that instruction's ``op_name`` metadata in the compiled HLO, to
 
-- a **layer**: the model's submodule (``s2_conv``, ``so3_conv_0``, ..., ``Conv_0``); ``(step)``
-  for what lies outside the model (loss, optimizer);
+- a **layer**: the model's submodule (``s2_conv``, ``so3_conv_0``, ..., ``enc_conv_0``);
+  ``(model)`` for the model's own operations between them (ReLU, pooling); ``(step)`` for what
+  lies outside the model (loss, optimizer); ``?`` for instructions without metadata;
 - a **direction**: ``forward`` (inside ``jvp(...)``), ``backward`` (inside ``transpose(...)``)
   or ``other``;
 - an **operation**: the primitive (``dot_general``, ``transpose``, ...), with the einsum spec
@@ -17,10 +18,10 @@ On a GPU the events are the kernels on the device's streams; on a CPU, the runti
 (their times overlap across threads, so their sum can exceed the wall time). Kernels that XLA
 launches inside a CUDA graph (a command buffer) carry the graph's annotation, not their own:
 profile with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see each one (the window script
-does; the result records ``xla_flags``). The result holds the
-wall time per step, the traced time per step, the rows per (layer, direction) and per
-operation (with the bytes of each operation's operands and results, and that rate), and the trace's lines (names, event counts) so that a new trace format shows itself.
-Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
+does; the result records ``xla_flags``). The result holds the wall time per step, the traced
+time per step, the rows per (layer, direction) and per operation (with the bytes of each
+operation's operands and results, and that rate), and the trace's lines (names, event counts),
+so that a new trace format shows itself. Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def split_op_name(op_name: str, model_class: str) -> tuple[str, str, str]:
     """``op_name`` (e.g. ``jit(step)/transpose(jvp(S2CNNSegmenter))/so3_conv_5/so3_conv_5._call/
     nmzl,nmlt->nmzt/dot_general``) -> ``(layer, direction, operation)``: the component after the
     model's own (``so3_conv_5``; ``(model)`` for ops of the model's top level; ``(step)`` outside
-    the model; wrappers such as ``jit(relu)`` and einsum specs are skipped), ``forward`` / ``backward`` / ``other``, and the last component with an einsum
-    spec before it when there is one (``nmzl,nmlt->nmzt dot_general``)."""
+    the model; wrappers such as ``jit(relu)`` and einsum specs are skipped), ``forward`` /
+    ``backward`` / ``other``, and the last component with an einsum spec before it when there is
+    one (``nmzl,nmlt->nmzt dot_general``)."""
     parts = [p for p in op_name.split("/") if p]
     direction = "backward" if any(p.startswith("transpose(") for p in parts) else (
         "forward" if any("jvp(" in p for p in parts) else "other")
@@ -180,8 +182,9 @@ def profile_case(case: dict) -> dict:
     """Trace ``case["steps"]`` (default 3) training steps of ``case["profile"]`` (a model name) at
     band-limit ``case["L"]`` and batch ``case["batch"]``, after two untraced ones; random inputs
     ``[batch, 2L, 2L-1, 1]``. Returns ``model, L, batch, steps, device, step_s`` (median wall
-    time of the untraced steps), ``traced_ms`` (per step), ``source``, ``layers``, ``ops`` (see
-    :func:`aggregate`), ``lines`` and ``unattributed_ms`` (events without metadata). With
+    time of the untraced steps), ``traced_ms`` and ``traced_gb`` (per step), ``source``,
+    ``module``, ``xla_flags``, ``layers``, ``ops`` (see :func:`aggregate`), ``lines`` and
+    ``unattributed_ms`` (events without metadata). With
     ``case["keep_trace"]`` = a directory, the trace is copied there, gzipped, as
     ``profile_{model}_L{L}_b{batch}.xplane.pb.gz``."""
     import jax
