@@ -265,7 +265,7 @@ if stage profile; then
     echo "profile with '${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}' failed; again without it" | tee -a "$OUT/env.txt"
     profile_run ""
   fi
-  grep -E '^(###|\||wrote|.*error)' "$OUT/.profile.log" | head -80 | tee -a "$OUT/env.txt"
+  grep -E '^(###|\||wrote|.*error)' "$OUT/.profile.log" | head -120 | tee -a "$OUT/env.txt"
   mkdir -p "$OUT/profile" && mv "$OUT/.profile.log" "$OUT/profile/profile.log"
   # a file over 16 MB would not come back: traces over 6 MB stay here (profile.json has the numbers)
   find "$OUT/profile" -name '*.xplane.pb.gz' -size +6M -print -delete | sed 's/^/dropped (too big): /' | tee -a "$OUT/env.txt"
