@@ -53,7 +53,8 @@ flags.DEFINE_list("layouts", None, "instead of whole models: these S2CNNs built 
 flags.DEFINE_list("profile", None, "instead of whole models: trace --profile_steps training steps of each model "
                   "(--L or its study band-limit, --train_batch) and say where the time goes per layer, direction "
                   "and operation (sphere_jax.profiling); writes profile.json and profile.md")
-flags.DEFINE_integer("profile_steps", 3, "--profile: traced steps (after two untraced ones)")
+flags.DEFINE_integer("profile_steps", 3, "--profile: traced steps (after 2 + this many untraced ones, which give "
+                     "the wall time per step)")
 flags.DEFINE_bool("profile_keep_trace", False, "--profile: also keep each trace in DIR, gzipped "
                   "(profile_MODEL_L.._b...xplane.pb.gz; read it with jax.profiler.ProfileData)")
 flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts: time the training step or inference")

@@ -248,27 +248,32 @@ fi
 # 1c. (STAGES with "profile") issue 10: where the step's time goes on this GPU, per layer,
 # forward / backward and operation: PROFILE_MODELS (default "s2cnn_204k cnn_218k s2cnn_cls_deep", each at
 # its study band-limit, batch 32) traced for 3 steps with the best variant; profile.tgz holds
-# profile.json, profile.md and the gzipped traces (read them with jax.profiler.ProfileData).
+# profile.json, profile.md, profile.log and the gzipped traces (read them with
+# jax.profiler.ProfileData).
 # About a minute per model, compiles included.
 # Kernels in CUDA graphs carry the graph's annotation, not their own op: command buffers are off
-# for the trace (PROFILE_XLA_FLAGS), and the run is repeated without that flag if it fails.
+# for the trace (PROFILE_XLA_FLAGS), and the profile runs again without that flag if no model
+# gave a result. At most 240 s per model (a compile of the 204k step takes 43 s on an H200).
 if stage profile; then
-  prof_L=(); [ -n "${SMOKE:-}" ] && prof_L=(--L="$L")
+  prof_L=(); [ -n "${SMOKE:-}" ] && prof_L=(--reduced)  # CPU: small band-limits, each model's minimum
+  : > "$OUT/.profile.log"
   profile_run() {
     local flags; flags=$(echo ${XLA_FLAGS:-} $1)  # no stray space: XLA reads " " as a file name
+    echo "== XLA_FLAGS='$flags'" >> "$OUT/.profile.log"
     SPHERE_JAX_TRANSFORMS=$BEST XLA_FLAGS="$flags" $PY -m experiments.benchmark \
       --profile="$(echo ${PROFILE_MODELS:-s2cnn_204k cnn_218k s2cnn_cls_deep} | tr ' ' ,)" "${prof_L[@]}" --train_batch=32 \
-      --profile_steps=3 --profile_keep_trace --out="$OUT/profile" > "$OUT/.profile.log" 2>&1
+      --profile_steps=3 --profile_keep_trace --timeout=240 --out="$OUT/profile" >> "$OUT/.profile.log" 2>&1
   }
   profile_run "${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}"
   if ! grep -q '"traced_ms"' "$OUT/profile/profile.json" 2>/dev/null; then
-    echo "profile with '${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}' failed; again without it" | tee -a "$OUT/env.txt"
+    echo "profile with '${PROFILE_XLA_FLAGS---xla_gpu_enable_command_buffer=}' gave no result; again without it" | tee -a "$OUT/env.txt"
     profile_run ""
   fi
   grep -E '^(###|\||wrote|.*error)' "$OUT/.profile.log" | head -120 | tee -a "$OUT/env.txt"
   mkdir -p "$OUT/profile" && mv "$OUT/.profile.log" "$OUT/profile/profile.log"
-  # a file over 16 MB would not come back: traces over 6 MB stay here (profile.json has the numbers)
-  find "$OUT/profile" -name '*.xplane.pb.gz' -size +6M -print -delete | sed 's/^/dropped (too big): /' | tee -a "$OUT/env.txt"
+  # a file over 16 MB would not come back: traces over 4 MB stay here, so that three of them and
+  # profile.json (which has the numbers) fit in profile.tgz
+  find "$OUT/profile" -name '*.xplane.pb.gz' -size +4M -print -delete | sed 's/^/dropped (too big): /' | tee -a "$OUT/env.txt"
   tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
 fi
 

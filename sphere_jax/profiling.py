@@ -20,8 +20,9 @@ launches inside a CUDA graph (a command buffer) carry the graph's annotation, no
 profile with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see each one (the window script
 does; the result records ``xla_flags``). The result holds the wall time per step, the traced
 time per step, the rows per (layer, direction) and per operation (with the bytes of each
-operation's operands and results, and that rate), and the trace's lines (names, event counts),
-so that a new trace format shows itself. Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
+operation's operands and results, and that rate), and the trace's lines (names, event counts,
+stat keys), so that a new trace format shows itself. A fusion counts wholly for the layer and
+operation of its root's ``op_name``. Run by ``python -m experiments.benchmark --profile=MODEL`` (``profile.json`` / ``profile.md``).
 """
 from __future__ import annotations
 
@@ -46,25 +47,42 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _INSTR.finditer(hlo_text)}
 
 
-_SHAPE = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8\w*)\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(pred|[su](?:2|4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8\w*|f4\w*)\[([\d,]*)\]")
 _ITEM = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+_COMMENT = re.compile(r"/\*.*?\*/")  # XLA writes /*index=5*/ before every fifth operand
 _ENTRY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^)]*\)|\S+)\s+([\w\-]+)\(([^)]*)\)")
 
 
-def _type_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        item = _ITEM.get(dtype) or (max(int(re.sub(r"\D", "", dtype) or 8), 8) // 8)
-        total += item * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return total
+def _item_bytes(dtype: str) -> int:
+    if dtype in _ITEM:
+        return _ITEM[dtype]
+    if dtype.startswith(("f8", "f4")):  # fp8 / fp4 variants (f8e4m3fn, ...): a byte or less
+        return 1
+    return max(int(dtype[1:]), 8) // 8  # s2 .. u64 (sub-byte integers as a byte)
+
+
+def _shapes(text: str) -> list[tuple[str, int]]:
+    return [(dtype, int(np.prod([int(d) for d in dims.split(",") if d] or [1]))) for dtype, dims in _SHAPE.findall(text)]
+
+
+def _type_bytes(text: str, opcode: str = "") -> int:
+    shapes = _shapes(text)
+    if opcode == "custom-call" and len(shapes) > 1 and shapes[-1][0] in ("s8", "u8") and text.count("[") >= 2:
+        # a library call's result tuple ends with its scratch buffer (cuBLAS, cuDNN workspace)
+        last = re.findall(r"[su]8\[([\d,]*)\]", text)[-1]
+        if "," not in last:
+            shapes = shapes[:-1]
+    return sum(_item_bytes(dtype) * n for dtype, n in shapes)
 
 
 def hlo_op_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes each instruction of the ENTRY computation reads and writes: its result plus its
     operands (their results), the way a kernel that streams them once would move them; a
-    ``slice``, ``dynamic-slice`` or ``gather`` reads only what it writes. A proxy per kernel:
-    caches and repeated reads are not seen, and a fusion that reads part of an operand (a slice
-    fused in) counts all of it. Empty if the text has no ENTRY block."""
+    ``slice``, ``dynamic-slice`` or ``gather`` reads only what it writes, and a library
+    custom-call's scratch buffer (the last, 1-D ``s8``/``u8`` element of its result tuple) is
+    left out. A proxy per kernel: caches and repeated reads are not seen, and a fusion that
+    reads part of an operand (a slice fused in, as compiled HLO mostly has them) or updates one
+    in place counts all of it. Empty if the text has no ENTRY block."""
     m = re.search(r"^ENTRY [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)
     if not m:
         return {}
@@ -73,8 +91,8 @@ def hlo_op_bytes(hlo_text: str) -> dict[str, int]:
         i = _ENTRY_INSTR.match(line)
         if i:
             name, rtype, opcode, args = i.groups()
-            result[name] = _type_bytes(rtype)
-            operands[name] = [a.strip().lstrip("%") for a in args.split(",") if a.strip()]
+            result[name] = _type_bytes(rtype, opcode)
+            operands[name] = [a.strip().lstrip("%") for a in _COMMENT.sub("", args).split(",") if a.strip()]
             if opcode in ("slice", "dynamic-slice", "gather"):
                 operands[name] = [name]
     return {n: result[n] + sum(result.get(a, 0) for a in operands[n]) for n in result}
@@ -108,15 +126,24 @@ def split_op_name(op_name: str, model_class: str) -> tuple[str, str, str]:
 
 
 def trace_events(path: str, module: str | None) -> tuple[list[tuple[str, float]], list[dict], str]:
-    """``(events, lines, source)`` of a trace file (``*.xplane.pb``): ``events`` =
-    ``[(hlo_op, duration_ns)]`` of the events of HLO module ``module`` (any module if None or if
-    none matches). Device planes (``/device:...``) are read when there are any, else the host's.
-    On a device plane, kernels on the stream lines are counted, not the derived per-op lines
-    (which would count them twice) unless there are no stream lines. ``lines``: every line read,
-    with its event count and summed time; ``source``: ``device`` or ``host``."""
+    """:func:`profile_events` of a trace file (``*.xplane.pb``)."""
     from jax.profiler import ProfileData
 
-    pd = ProfileData.from_file(path)
+    return profile_events(ProfileData.from_file(path), module)
+
+
+def profile_events(pd, module: str | None) -> tuple[list[tuple[str, float]], list[dict], str]:
+    """``(events, lines, source)`` of a trace (``jax.profiler.ProfileData``, or anything with its
+    ``planes -> lines -> events`` of ``name``, ``duration_ns``, ``stats``): ``events`` =
+    ``[(hlo_op, duration_ns)]`` of the events of HLO module ``module`` (of every module if None
+    or if none matches). Device planes (``/device:...``) are read when there are any, else the
+    host's. On a device plane, kernels on the stream lines are counted, not other lines (derived
+    per-op lines would count them twice), unless there are no stream lines. An ``hlo_op`` is
+    read as an instruction name (a ``%`` prefix dropped; of a comma-separated list, the last).
+    ``lines``: every line read, with its events and time in all (``all_events``, ``all_ms``),
+    those that name an HLO op (``events``, ``ms``), the stat keys of its first event, whether it
+    was counted, and how many of its events belong to ``module`` (``module_events``), so that an
+    unexpected trace format shows itself; ``source``: ``device`` or ``host``."""
     planes = list(pd.planes)
     device = [p for p in planes if p.name.startswith("/device:")]
     source = "device" if device else "host"
@@ -124,28 +151,40 @@ def trace_events(path: str, module: str | None) -> tuple[list[tuple[str, float]]
     per_line, lines = [], []
     for plane in chosen:
         for line in plane.lines:
-            evs = []
+            evs, n_all, ns_all, keys = [], 0, 0.0, None
             for e in line.events:
                 st = dict(e.stats)
+                n_all, ns_all = n_all + 1, ns_all + float(e.duration_ns)
+                if keys is None:
+                    keys = sorted(st)
                 if "hlo_op" in st:
-                    evs.append((str(st["hlo_op"]), str(st.get("hlo_module", "")), float(e.duration_ns)))
-            lines.append({"plane": plane.name, "line": line.name, "events": len(evs),
-                          "ms": round(sum(d for *_, d in evs) / 1e6, 3)})
+                    op = str(st["hlo_op"]).split(",")[-1].strip().lstrip("%")
+                    evs.append((op, str(st.get("hlo_module", "")), float(e.duration_ns)))
+            lines.append({"plane": plane.name, "line": line.name, "all_events": n_all, "all_ms": round(ns_all / 1e6, 3),
+                          "events": len(evs), "ms": round(sum(d for *_, d in evs) / 1e6, 3), "stat_keys": keys or [],
+                          "module_events": sum(1 for _, mod, _ in evs if _is_module(mod, module))})
             per_line.append((line.name, evs))
+    counted = [name for name, _ in per_line]
     if device:
-        streams = [evs for name, evs in per_line if name.lower().startswith("stream")]
-        if any(streams):
-            per_line = [("stream", evs) for evs in streams]
+        streams = [(name, evs) for name, evs in per_line if name.lower().startswith("stream")]
+        if any(evs for _, evs in streams):
+            per_line, counted = streams, [name for name, _ in streams]
+    for row in lines:
+        row["counted"] = row["line"] in counted
     flat = [ev for _, evs in per_line for ev in evs]
-    mine = [(op, d) for op, mod, d in flat if module and (mod == module or mod.startswith(module + "."))]
+    mine = [(op, d) for op, mod, d in flat if _is_module(mod, module)]
     return (mine or [(op, d) for op, _, d in flat]), lines, source
+
+
+def _is_module(mod: str, module: str | None) -> bool:
+    return bool(module) and (mod == module or mod.startswith(module + "."))
 
 
 def aggregate(events, op_names: dict[str, str], model_class: str, steps: int,
               op_bytes: dict[str, int] | None = None) -> dict:
     """Per-step milliseconds by (layer, direction) and by (layer, direction, operation), from
     ``[(hlo_op, duration_ns)]``. Instructions without ``op_name`` metadata count under layer
-    ``?`` with their HLO name as the operation. With ``op_bytes`` (:func:`hlo_op_bytes`), each
+    ``?`` with their HLO name (less its ``.N`` suffix) as the operation. With ``op_bytes`` (:func:`hlo_op_bytes`), each
     operation row also gets ``gb`` (each traced instruction once per step, as a step runs it
     once) and ``gbps`` (that over its time), and each layer its ``gb``."""
     by_layer = collections.defaultdict(float)
@@ -180,9 +219,11 @@ def aggregate(events, op_names: dict[str, str], model_class: str, steps: int,
 
 def profile_case(case: dict) -> dict:
     """Trace ``case["steps"]`` (default 3) training steps of ``case["profile"]`` (a model name) at
-    band-limit ``case["L"]`` and batch ``case["batch"]``, after two untraced ones; random inputs
-    ``[batch, 2L, 2L-1, 1]``. Returns ``model, L, batch, steps, device, step_s`` (median wall
-    time of the untraced steps), ``traced_ms`` and ``traced_gb`` (per step), ``source``,
+    band-limit ``case["L"]`` and batch ``case["batch"]``; random inputs ``[batch, 2L, 2L-1, 1]``.
+    Before the trace, ``2 + steps`` untraced steps run: ``step_s`` is the median wall time of the
+    last ``steps`` of them, under the process's own ``XLA_FLAGS`` (with command buffers off, not
+    comparable with the benchmark's ``train_step_s``). Returns ``model, L, batch, steps, device,
+    step_s``, ``traced_ms`` and ``traced_gb`` (per step), ``source``,
     ``module``, ``xla_flags``, ``layers``, ``ops`` (see :func:`aggregate`), ``lines`` and
     ``unattributed_ms`` (events without metadata). With
     ``case["keep_trace"]`` = a directory, the trace is copied there, gzipped, as
@@ -223,12 +264,12 @@ def profile_case(case: dict) -> dict:
         files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
         if not files:
             raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tmp}")
-        events, lines, source = trace_events(files[0], module)
-        if case.get("keep_trace"):
+        if case.get("keep_trace"):  # before reading it: a trace that cannot be read is kept too
             os.makedirs(case["keep_trace"], exist_ok=True)
             dst = os.path.join(case["keep_trace"], f"profile_{name}_L{L}_b{B}.xplane.pb.gz")
             with open(files[0], "rb") as src, gzip.open(dst, "wb") as out:
                 shutil.copyfileobj(src, out)
+        events, lines, source = trace_events(files[0], module)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     agg = aggregate(events, op_names, type(model).__name__, steps, op_bytes)

@@ -85,3 +85,72 @@ def test_entry_instructions_count_their_operands_and_results():
     assert r["ops"][0]["gb"] == pytest.approx(b["dot.1"] / 1e9, abs=1e-4)  # once per step, not per event
     assert r["ops"][0]["gbps"] == pytest.approx(b["dot.1"] / 1e9 / 2e-6, rel=0.01)
     assert r["layers"]["l"]["gb"] == r["ops"][0]["gb"]
+
+
+def test_operands_after_index_comments_and_library_scratch_buffers():
+    hlo = ('HloModule m\n\nENTRY %main () -> f32[8] {\n'
+           + "".join(f'  %p{i} = f32[8]{{0}} parameter({i})\n' for i in range(7))
+           + '  %f = f32[8]{0} fusion(%p0, %p1, %p2, %p3, %p4, /*index=5*/%p5, %p6), kind=kLoop, calls=%fc\n'
+           '  %g = (f32[64,16]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$gemm"\n'
+           '  ROOT %r = f32[8]{0} negate(%f)\n}\n')
+    b = profiling.hlo_op_bytes(hlo)
+    assert b["f"] == 8 * 32  # 7 operands and the result, the sixth behind its comment
+    assert b["g"] == 4 * 64 * 16 + 2 * 32  # the 4 MiB workspace is not traffic
+
+
+def test_bytes_of_a_real_compiled_fusion_count_all_its_operands():
+    import jax
+    import jax.numpy as jnp
+
+    xs = [jnp.full((1024,), float(i)) for i in range(7)]
+    hlo = jax.jit(lambda *a: sum(jnp.sin(x) * (i + 1) for i, x in enumerate(a))).lower(*xs).compile().as_text()
+    assert "/*index=5*/" in hlo  # the format this guards against
+    assert max(profiling.hlo_op_bytes(hlo).values()) >= 8 * 4 * 1024  # 7 inputs + 1 output
+
+
+class _E:
+    def __init__(self, ns, **stats):
+        self.duration_ns, self.stats, self.name = ns, list(stats.items()), "k"
+
+
+class _L:
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+
+class _P:
+    def __init__(self, name, lines):
+        self.name, self.lines = name, lines
+
+
+class _Profile:
+    def __init__(self, planes):
+        self.planes = planes
+
+
+def test_device_traces_count_stream_kernels_of_the_step_once():
+    mine = dict(hlo_module="jit_step", program_id=3)
+    pd = _Profile([
+        _P("/host:CPU", [_L("python", [_E(9e9, hlo_op="fusion.9", hlo_module="jit_step")])]),
+        _P("/device:GPU:0", [
+            _L("Stream #7(Kernel)", [_E(2e6, hlo_op="fusion.1", **mine), _E(1e6, hlo_op="%dot.2", **mine),
+                                     _E(5e6, hlo_op="copy.3", hlo_module="jit_other"), _E(4e6)]),
+            _L("XLA Ops", [_E(3e6, hlo_op="fusion.1", **mine)]),  # derived: would count twice
+            _L("Stream #9(MemcpyH2D)", [_E(7e6)]),
+        ]),
+    ])
+    events, lines, source = profiling.profile_events(pd, "jit_step")
+    assert source == "device"
+    assert sorted(events) == [("dot.2", 1e6), ("fusion.1", 2e6)]
+    by = {row["line"]: row for row in lines}
+    assert by["Stream #7(Kernel)"]["all_events"] == 4 and by["Stream #7(Kernel)"]["events"] == 3
+    assert by["Stream #7(Kernel)"]["module_events"] == 2 and by["Stream #7(Kernel)"]["counted"]
+    assert not by["XLA Ops"]["counted"]
+    assert by["Stream #9(MemcpyH2D)"]["all_ms"] == 7.0 and by["Stream #9(MemcpyH2D)"]["events"] == 0
+    assert "hlo_op" in by["Stream #7(Kernel)"]["stat_keys"]
+    # no event of the module asked for: every HLO event counts, and the lines say so
+    events, lines, _ = profiling.profile_events(pd, "jit_missing")
+    assert len(events) == 3 and all(row["module_events"] == 0 for row in lines)
+    # no device plane: the host's events
+    events, _, source = profiling.profile_events(_Profile([pd.planes[0]]), "jit_step")
+    assert source == "host" and events == [("fusion.9", 9e9)]
