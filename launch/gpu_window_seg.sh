@@ -27,7 +27,8 @@
 # On an H200 (2026-11-27) one 204k variant took 40-100 s to bench, compiles included (the
 # gamma-first training step alone compiles in 43 s). results/gpu/README.md has the commands.
 # Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "profile" adds a
-# traced training step per PROFILE_MODELS, time per layer and operation, in profile.tgz; "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
+# traced training step per PROFILE_MODELS, time per layer and operation, in profile.tgz; "fused" adds
+# experiments.fused_boundary_check (a Pallas layer-boundary kernel against XLA); "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
@@ -275,6 +276,16 @@ if stage profile; then
   # profile.json (which has the numbers) fit in profile.tgz
   find "$OUT/profile" -name '*.xplane.pb.gz' -size +4M -print -delete | sed 's/^/dropped (too big): /' | tee -a "$OUT/env.txt"
   tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
+fi
+
+# 1d. (STAGES with "fused") issue 10: can one Pallas kernel beat XLA at a layer boundary (the
+# inverse transform's last matmul, bias, ReLU and the next layer's first matmul, the grid kept on
+# chip)? experiments.fused_boundary_check at the 204k's first SO(3) boundary, batch 32, at
+# HIGHEST and DEFAULT (TF32) precision: rows "fused-boundary" in benchmark.jsonl. About a minute.
+if stage fused; then
+  fused_args=(--repeats=10); [ -n "${SMOKE:-}" ] && fused_args=(--interpret --Z=3000)
+  timeout 300 $PY -m experiments.fused_boundary_check "${fused_args[@]}" 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+  grep '"label": "fused-boundary"' "$OUT/benchmark.jsonl" | cut -c1-400 | tee -a "$OUT/env.txt"
 fi
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S
