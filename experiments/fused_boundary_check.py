@@ -36,7 +36,7 @@ def _define_flags():  # only when run as a program: the tests import this module
     flags.DEFINE_integer("K", 83, "grid length along gamma (2L - 1)")
     flags.DEFINE_integer("R2", 70, "rows of the output: 2 x the next layer's orders n' >= 0")
     flags.DEFINE_integer("Z", 83 * 32 * 12 * 84, "columns: alpha x batch x channels x beta")
-    flags.DEFINE_integer("block", 256, "columns per program")
+    flags.DEFINE_integer("block", 64, "columns per program (a power of 2: a [128, block] float32 tile per matmul)")
     flags.DEFINE_integer("repeats", 10, "timed calls after warm-up (median)")
     flags.DEFINE_list("precisions", ["highest", "default"], "dot precisions to try (default: TF32 on a GPU)")
     flags.DEFINE_bool("interpret", False, "run the kernel in Pallas's interpreter (CPU check)")

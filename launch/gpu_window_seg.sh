@@ -281,10 +281,13 @@ fi
 # 1d. (STAGES with "fused") issue 10: can one Pallas kernel beat XLA at a layer boundary (the
 # inverse transform's last matmul, bias, ReLU and the next layer's first matmul, the grid kept on
 # chip)? experiments.fused_boundary_check at the 204k's first SO(3) boundary, batch 32, at
-# HIGHEST and DEFAULT (TF32) precision: rows "fused-boundary" in benchmark.jsonl. About a minute.
+# HIGHEST and DEFAULT (TF32) precision, FUSED_BLOCKS columns per program (default "64 128"):
+# rows "fused-boundary" in benchmark.jsonl. About two minutes.
 if stage fused; then
   fused_args=(--repeats=10); [ -n "${SMOKE:-}" ] && fused_args=(--interpret --Z=3000)
-  timeout 300 $PY -m experiments.fused_boundary_check "${fused_args[@]}" 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+  for blk in ${FUSED_BLOCKS:-64 128}; do  # columns per program: register pressure against parallelism
+    timeout 200 $PY -m experiments.fused_boundary_check "${fused_args[@]}" --block="$blk" 2>&1 | grep '^{' >> "$OUT/benchmark.jsonl"
+  done
   grep '"label": "fused-boundary"' "$OUT/benchmark.jsonl" | cut -c1-400 | tee -a "$OUT/env.txt"
 fi
 
