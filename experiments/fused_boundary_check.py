@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 
 import numpy as np
 from absl import app, flags
+
+from sphere_jax.benchmark import _median_time
 
 FLAGS = flags.FLAGS
 
@@ -164,16 +165,6 @@ def reference(mi, mf, h, bias, precision: str = "highest"):
     return jnp.matmul(mf, jax.nn.relu(jnp.matmul(mi, h, precision=p) + bias[None, :]), precision=p)
 
 
-def _median(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def check(R, K, R2, Z, block, precision, repeats, interpret) -> dict:
     import jax
     import jax.numpy as jnp
@@ -199,9 +190,9 @@ def check(R, K, R2, Z, block, precision, repeats, interpret) -> dict:
         row.update(rel_out=rel(out, ref), rel_dh=rel(mh, rh), rel_dbias=rel(mb, rb))
         if repeats:
             for name, f in (("xla", xla), ("fused", mine)):
-                row[f"{name}_fwd_s"] = _median(lambda: jax.block_until_ready(f(mi, mf, h, bias)), repeats)
+                row[f"{name}_fwd_s"] = _median_time(lambda: jax.block_until_ready(f(mi, mf, h, bias)), repeats)
                 v = vjp_of(f)
-                row[f"{name}_fwd_bwd_s"] = _median(lambda: jax.block_until_ready((f(mi, mf, h, bias), v(h, bias))), repeats)
+                row[f"{name}_fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready((f(mi, mf, h, bias), v(h, bias))), repeats)
             row["grid_gb"] = round(4 * K * Z / 1e9, 3)
     except Exception as e:  # a kernel that does not lower is a result too
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
