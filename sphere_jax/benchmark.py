@@ -371,7 +371,8 @@ class TrainLoop:
     (``[K, batch, 2L, 2L-1, 1]``) and the labels (``[K, ...]``): the way several seeds or
     augmentation levels of one architecture could share a device. ``members=0``: the plain step.
 
-    ``TrainLoop(name, L, batch, warmup=3, members=0)``; ``loop.run(steps) -> seconds``.
+    ``TrainLoop(name, L, batch, warmup=3, members=0)``; ``loop.run(steps) -> seconds``; ``loop.model``,
+    ``loop.step`` (jitted, the state donated), ``loop.state``, ``loop.tables``, ``loop.x``, ``loop.y``.
     """
 
     def __init__(self, name: str, L: int, batch: int, warmup: int = 3, members: int = 0):
@@ -387,6 +388,7 @@ class TrainLoop:
             raise ValueError(f"batch must be >= 1, warmup and members >= 0, got {batch}, {warmup}, {members}")
         self._jax = jax
         model, task = registry.make_model(name, L_in=L)
+        self.model = model
         self.tables = hm.build_tables(model.table_specs())
         k = jax.random.key(0)
         x, y = _random_batch(task, L, batch, k)

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 
 import numpy as np
 
@@ -229,38 +228,21 @@ def profile_case(case: dict) -> dict:
     ``case["keep_trace"]`` = a directory, the trace is copied there, gzipped, as
     ``profile_{model}_L{L}_b{batch}.xplane.pb.gz``."""
     import jax
-    import optax
 
-    from sphere_jax import harmonics as hm
-    from sphere_jax import train
-    from sphere_jax.benchmark import _random_batch
-    from sphere_jax.models import registry
+    from sphere_jax.benchmark import TrainLoop
 
     name, L, B = case["profile"], int(case["L"]), int(case["batch"])
     steps = int(case.get("steps", 3))
     if B < 1 or steps < 1:
         raise ValueError(f"batch and steps must be >= 1, got {B}, {steps}")
-    model, task = registry.make_model(name, L_in=L)
-    tables = hm.build_tables(model.table_specs())
-    key = jax.random.key(0)
-    x, y = _random_batch(task, L, B, key)
-    params, model_state = train.split_variables(jax.jit(model.init)(key, x[:1], tables))
-    state = train.TrainState.create(params, optax.adam(1e-3), model_state)
-    step = train.make_train_step(model, task)
-    hlo = step.lower(state, tables, x, y).compile().as_text()
+    loop = TrainLoop(name, L, B, warmup=0)  # the benchmark's step: Adam, random inputs, seed 0
+    hlo = loop.step.lower(loop.state, loop.tables, loop.x, loop.y).compile().as_text()
     op_names, module, op_bytes = hlo_op_names(hlo), hlo_module_name(hlo), hlo_op_bytes(hlo)
-    walls = []
-    for _ in range(2 + steps):
-        t = time.perf_counter()
-        state, loss = step(state, tables, x, y)
-        jax.block_until_ready(loss)
-        walls.append(time.perf_counter() - t)
+    walls = [loop.run(1) for _ in range(2 + steps)]
     tmp = tempfile.mkdtemp(prefix="sphere_jax_profile_")
     try:
         with jax.profiler.trace(tmp):
-            for _ in range(steps):
-                state, loss = step(state, tables, x, y)
-                jax.block_until_ready(loss)
+            loop.run(steps)
         files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
         if not files:
             raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tmp}")
@@ -272,7 +254,7 @@ def profile_case(case: dict) -> dict:
         events, lines, source = trace_events(files[0], module)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    agg = aggregate(events, op_names, type(model).__name__, steps, op_bytes)
+    agg = aggregate(events, op_names, type(loop.model).__name__, steps, op_bytes)
     return {
         "model": name, "L": L, "batch": B, "steps": steps, "device": jax.devices()[0].device_kind,
         "step_s": float(np.median(walls[2:])), "module": module, "source": source,
