@@ -351,13 +351,16 @@ class _Progress:
         if self.bar:
             self.bar.update(n)
 
-    def evaluated(self, step: int, loss: float, score_name: str, score: float):
+    def evaluated(self, step: int, loss: float, score_name: str, score):
+        """``score``: the hold-out score, or a list of them (one per member trained together)."""
+        scores = list(score) if isinstance(score, (list, tuple)) else [score]
+        shown = "/".join(f"{v:.{3 if self.bar else 4}f}" for v in scores)
         if self.bar:
-            self.bar.set_postfix(loss=f"{loss:.3f}", holdout=f"{score:.3f}")
+            self.bar.set_postfix(loss=f"{loss:.3f}", holdout=shown)
         elif self.enabled:
             rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("nan")
-            print(f"{self.name} step {step}/{self.total}  loss {loss:.4f}  hold-out {score_name} {score:.4f}  "
+            print(f"{self.name} step {step}/{self.total}  loss {loss:.4f}  hold-out {score_name} {shown}  "
                   f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min", file=self.stream, flush=True)
 
     def close(self):
@@ -395,6 +398,167 @@ def _initial_variables(setup: RunSetup, key) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, src)
 
 
+class _Member:
+    """One run's share of a training loop (:func:`fit`, :func:`fit_members`): its workdir, data
+    stream, hold-out digits, checkpoint managers, early stopping and clock. Builds the run's
+    initial (or resumed) :class:`~sphere_jax.train.TrainState` as ``self.state0``."""
+
+    def __init__(self, cfg: RunConfig, workdir: str, setup: RunSetup, tx):
+        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        self.setup = setup if setup.cfg == cfg else setup.with_config(cfg)
+        (tri, trl), self.holdout, test = _load(cfg)
+        self.setup._test_data = test
+        try:
+            stream_cfg = cfg.stream_config(cfg.train_rotate, cfg.copies)
+            self.stream = pipeline.DigitStream(tri, trl, stream_cfg, seed=cfg.seed)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        self.hold_cfg = dataclasses.replace(stream_cfg, rotate=cfg.train_rotate)
+        resuming = os.path.exists(os.path.join(self.workdir, "config.json"))
+        key = jax.random.key(cfg.seed)
+        variables = self.setup.init_variables(key) if resuming else _initial_variables(self.setup, key)
+        params, model_state = train.split_variables(variables)
+        state = train.TrainState.create(params, tx, model_state)
+        _check_workdir(self.workdir, cfg)  # only now: a run that cannot start leaves no workdir behind
+        self.latest, self.best = _managers(self.workdir)
+        self.best_score, self.bad_evals, self.train_seconds = -math.inf, 0, 0.0
+        if self.latest.latest_step() is not None:
+            _check_input_norm(self.workdir, self.setup)
+            restored = _restore(self.latest, self.latest.latest_step(), _ckpt(state), "latest")
+            state = state.replace(**restored)
+            if self.best.latest_step() is not None:
+                self.best_score, self.bad_evals = _best_score_from_log(self.workdir, self.setup.task)
+            self.train_seconds = _seconds_from_log(self.workdir, int(restored["step"]))
+        self.state0 = state
+        self.step = int(state.step)
+        self.stopped = bool(cfg.patience and self.bad_evals >= cfg.patience)
+        self.improved = False  # did the last evaluation beat the best score so far?
+
+    def log_info(self, n_dev: int, K: int, **extra) -> None:
+        state = self.state0
+        input_norm = s2cnn.input_norm_of(self.setup.model)  # S2CNNs: recorded, so that a restore can check it
+        _append_jsonl(self.workdir, {"info": {
+            "params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
+            "device": jax.devices()[0].device_kind, "devices": n_dev, "steps_per_epoch": self.stream.steps_per_epoch,
+            "start_step": self.step, "steps_per_call": K, **({"input_norm": input_norm} if input_norm else {}),
+            **extra}})
+
+    def evaluated(self, done: int, loss: float, variables, seconds: float, test_every: bool) -> tuple[float, float]:
+        """Score the hold-out at step ``done``, log it, keep the best checkpoint's score and the
+        patience count. Returns ``(score, seconds spent on the test pass of --test_every_eval)``."""
+        cfg, setup = self.cfg, self.setup
+        hold = evaluate_params(setup.predict, setup.task, variables, setup.tables, *self.holdout, self.hold_cfg,
+                               cfg.seed + 1)
+        score = _score(setup.task, hold)
+        rec = {"step": done, "epoch": self.stream.epoch_of(done - 1), "epochs": round(done / self.stream.steps_per_epoch, 3),
+               "train_loss": loss, "holdout": hold, "seconds": round(self.train_seconds + seconds, 2)}
+        test_s = 0.0
+        if test_every:  # not training time: left out of "seconds", now and later
+            t_test = time.time()
+            rec["test_at_eval"] = evaluate_variables(setup, variables)["test"]
+            test_s = time.time() - t_test
+        _append_jsonl(self.workdir, rec)
+        if score > self.best_score:
+            self.best_score, self.bad_evals = score, 0
+            self.improved = True
+        else:
+            self.bad_evals += 1
+            self.improved = False
+        if cfg.patience and self.bad_evals >= cfg.patience:
+            self.stopped = True
+        return score, test_s
+
+    def finish(self) -> dict:
+        """The best checkpoint's test scores, with the run's test rotation (returned) and the other."""
+        end = {"stopped_early": bool(self.stopped), "final_step": int(self.step)}
+        result = evaluate_workdir(self.workdir, setup=self.setup, extra=end)
+        other = dataclasses.replace(self.cfg, test_rotate=not self.cfg.test_rotate)
+        evaluate_workdir(self.workdir, test_rotate=other.test_rotate, setup=self.setup.with_config(other),
+                         write_summary=False, extra=end)
+        return result
+
+
+def _train(members: list, state, advance, get, K: int, name: str, progress: bool, kill_at, term_at):
+    """The training loop of :func:`fit` and :func:`fit_members`.
+
+    ``state``: what ``advance`` trains; ``advance(state, step, n, active) -> (state, losses
+    [M, n])`` trains the ``active`` members (``bool`` per member) for steps ``step .. step+n-1``;
+    ``get(state, i)`` is member ``i``'s :class:`~sphere_jax.train.TrainState`. Members train
+    together from the earliest step of those not stopped; a member resumed at a later step waits
+    (inactive) until the others reach it. Returns the final ``state``.
+    """
+    cfg = members[0].cfg
+    spe = members[0].stream.steps_per_epoch
+    live = [m for m in members if not m.stopped]
+    done = min((m.step for m in live), default=cfg.steps)
+    bar = _Progress(progress and _is_writer(), name, cfg.steps, done)
+    t0 = time.time()
+    test_s = 0.0  # seconds spent on --test_every_eval's test passes
+    pending = []  # (losses [M, n], active) of the calls since the last evaluation
+    with _SigtermFlag() as preempted:
+        while live and done < cfg.steps:
+            step = done
+            n = _steps_in_call(step, K, cfg, spe)
+            if any(step < m.step < step + n for m in live):
+                n = 1  # a member resumed from a later checkpoint joins at its own step
+            active = [not m.stopped and m.step == step for m in members]
+            state, losses = advance(state, step, n, active)
+            pending.append((losses, active))
+            done = step + n
+            for m, a in zip(members, active):
+                if a:
+                    m.step = done
+            bar.step(n)
+            evaluated = []
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                scores, mean_losses = [], []
+                for i, m in enumerate(members):
+                    if not active[i]:
+                        continue
+                    own = [np.asarray(l)[i] for l, a in pending if a[i]]
+                    mean_loss = float(np.mean(np.concatenate(own)))
+                    score, t = m.evaluated(done, mean_loss, get(state, i).variables, time.time() - t0 - test_s,
+                                           cfg.test_every_eval)
+                    test_s += t
+                    if m.improved:
+                        _save(m.best, done, get(state, i))
+                    scores.append(score)
+                    mean_losses.append(mean_loss)
+                    evaluated.append(m)
+                pending = []
+                bar.evaluated(done, float(np.mean(mean_losses)),
+                              "accuracy" if members[0].setup.task == "classify" else "mIoU", scores)
+            stopping = [m for m in evaluated if m.stopped]
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                for i, m in enumerate(members):
+                    if active[i] and (m in stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                        _save(m.latest, done, get(state, i))
+                if kill_at is not None and done >= kill_at:
+                    os.kill(os.getpid(), 9)
+            live = [m for m in live if not m.stopped]
+            if term_at is not None and step < term_at <= done:
+                os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
+            if preempted.raised:
+                seconds = round(time.time() - t0 - test_s, 2)
+                for i, m in enumerate(members):
+                    if m in live:
+                        if m.latest.latest_step() != m.step:
+                            _save(m.latest, m.step, get(state, i))
+                        _append_jsonl(m.workdir, {"preempted": {"step": m.step, "seconds": round(m.train_seconds + seconds, 2)}})
+                raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
+                                f"in {', '.join(m.workdir for m in live)}: run the same command to resume")
+    bar.close()
+    return state
+
+
+def _steps_per_call(steps_per_call: int | None) -> int:
+    K = default_steps_per_call() if steps_per_call is None else int(steps_per_call)
+    if K < 1:
+        raise RunError(f"--steps_per_call must be >= 1, got {K}" if steps_per_call is not None else
+                       f"$SPHERE_JAX_STEPS_PER_CALL must be >= 1, got {K}")
+    return K
+
+
 def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int | None = None,
         _kill_at_step: int | None = None, _term_at_step: int | None = None) -> dict:
     """Train (or resume) the run in ``workdir``; returns the final test metrics.
@@ -418,128 +582,98 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
     step.
     """
     cfg.validate()
-    K = default_steps_per_call() if steps_per_call is None else int(steps_per_call)
-    if K < 1:
-        raise RunError(f"--steps_per_call must be >= 1, got {K}" if steps_per_call is not None else
-                       f"$SPHERE_JAX_STEPS_PER_CALL must be >= 1, got {K}")
+    K = _steps_per_call(steps_per_call)
     if K > 1 and jax.process_count() > 1:
         raise RunError("--steps_per_call > 1 works on one host only (its batches are made from this host's "
                        "digits); use 1 with jax.distributed")
-    workdir = os.path.abspath(workdir)
     setup = RunSetup.build(cfg)
     task, mesh = setup.task, setup.mesh
     n_dev = mesh.devices.size
     if cfg.batch_size % n_dev:
         raise RunError(f"--batch_size={cfg.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
-    (tri, trl), (hoi, hol), test = _load(cfg)
-    setup._test_data = test
-
-    try:
-        stream_cfg = cfg.stream_config(cfg.train_rotate, cfg.copies)
-        stream = pipeline.DigitStream(tri, trl, stream_cfg, seed=cfg.seed)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    hold_cfg = dataclasses.replace(stream_cfg, rotate=cfg.train_rotate)
-
-    resuming = os.path.exists(os.path.join(workdir, "config.json"))
-    variables = setup.init_variables(jax.random.key(cfg.seed)) if resuming else _initial_variables(
-        setup, jax.random.key(cfg.seed))
-    params, model_state = train.split_variables(variables)
-    tx = optax.adam(cfg.learning_rate)
-    state = train.TrainState.create(params, tx, model_state)
-    _check_workdir(workdir, cfg)  # only now: a run that cannot start leaves no workdir behind
-    latest, best = _managers(workdir)
-    best_score = -math.inf
-    bad_evals = 0
-    train_seconds = 0.0
-    if latest.latest_step() is not None:
-        _check_input_norm(workdir, setup)
-        restored = _restore(latest, latest.latest_step(), _ckpt(state), "latest")
-        state = state.replace(**restored)
-        if best.latest_step() is not None:
-            best_score, bad_evals = _best_score_from_log(workdir, task)
-        train_seconds = _seconds_from_log(workdir, int(restored["step"]))
-    state = train.replicate(mesh, state)
+    member = _Member(cfg, workdir, setup, optax.adam(cfg.learning_rate))
+    stream = member.stream
+    state = train.replicate(mesh, member.state0)
     step_fn = train.make_train_step(setup.model, task)
     if K > 1:
         chunk_fn = train.make_train_chunk(setup.model, task, stream.batch_of, mesh)
         data = train.replicate(mesh, stream.data)  # the digits on every device, once
-        order = (None, None)  # (epoch, its order replicated)
+    order = [None, None]  # (epoch, its order replicated)
 
-    start = int(state.step)
-    input_norm = s2cnn.input_norm_of(setup.model)  # S2CNNs: recorded, so that a restore can check it
-    _append_jsonl(workdir, {"info": {"params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
-                                     "device": jax.devices()[0].device_kind, "devices": n_dev,
-                                     "steps_per_epoch": stream.steps_per_epoch, "start_step": start,
-                                     "steps_per_call": K,
-                                     **({"input_norm": input_norm} if input_norm else {})}})
-    bar = _Progress(progress and _is_writer(), cfg.model, cfg.steps, start)
-    t0 = time.time()
-    test_s = 0.0  # seconds spent on --test_every_eval's test passes
-    losses = []
-    stopped_early = cfg.patience and bad_evals >= cfg.patience
-    with _SigtermFlag() as preempted:
-        done = start
-        while done < (start if stopped_early else cfg.steps):
-            step = done
-            n = _steps_in_call(step, K, cfg, stream.steps_per_epoch)
-            if n > 1:  # K steps in one call, batches made on device
-                epoch = stream.epoch_of(step)
-                assert stream.epoch_of(step + n - 1) == epoch  # one order per call
-                if order[0] != epoch:
-                    order = (epoch, train.replicate(mesh, stream.epoch_order(step)))
-                state, loss = chunk_fn(state, setup.tables, data, order[1], jnp.arange(step, step + n, dtype=jnp.int32))
-            else:
-                batch = stream.batch(step)
-                x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
-                state, loss = step_fn(state, setup.tables, x, y)
-                loss = loss[None]
-            losses.append(loss)
-            done = step + n
-            bar.step(n)
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                mean_loss = float(jnp.mean(jnp.concatenate(losses)))
-                losses = []
-                hold = evaluate_params(setup.predict, task, state.variables, setup.tables, hoi, hol, hold_cfg, cfg.seed + 1)
-                score = _score(task, hold)
-                rec = {"step": done, "epoch": stream.epoch_of(done - 1), "epochs": round(done / stream.steps_per_epoch, 3),
-                       "train_loss": mean_loss, "holdout": hold,
-                       "seconds": round(train_seconds + time.time() - t0 - test_s, 2)}
-                if cfg.test_every_eval:  # not training time: left out of "seconds", now and later
-                    t_test = time.time()
-                    rec["test_at_eval"] = evaluate_variables(setup, state.variables)["test"]
-                    test_s += time.time() - t_test
-                _append_jsonl(workdir, rec)
-                bar.evaluated(done, mean_loss, "accuracy" if task == "classify" else "mIoU", score)
-                if score > best_score:
-                    best_score, bad_evals = score, 0
-                    _save(best, done, state)
-                else:
-                    bad_evals += 1
-                if cfg.patience and bad_evals >= cfg.patience:
-                    stopped_early = True
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped_early:
-                _save(latest, done, state)
-                if _kill_at_step is not None and done >= _kill_at_step:
-                    os.kill(os.getpid(), 9)
-            if stopped_early:
-                break
-            if _term_at_step is not None and step < _term_at_step <= done:
-                os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
-            if preempted.raised:
-                if latest.latest_step() != done:
-                    _save(latest, done, state)
-                seconds = round(train_seconds + time.time() - t0 - test_s, 2)
-                _append_jsonl(workdir, {"preempted": {"step": done, "seconds": seconds}})
-                raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
-                                f"in {workdir}: run the same command to resume")
-    bar.close()
-    end = {"stopped_early": bool(stopped_early), "final_step": int(state.step)}
-    result = evaluate_workdir(workdir, setup=setup, extra=end)
-    other = dataclasses.replace(cfg, test_rotate=not cfg.test_rotate)
-    evaluate_workdir(workdir, test_rotate=other.test_rotate, setup=setup.with_config(other), write_summary=False,
-                     extra=end)
-    return result
+    def advance(state, step, n, active):
+        if n > 1:  # K steps in one call, batches made on device
+            epoch = stream.epoch_of(step)
+            assert stream.epoch_of(step + n - 1) == epoch  # one order per call
+            if order[0] != epoch:
+                order[:] = epoch, train.replicate(mesh, stream.epoch_order(step))
+            state, loss = chunk_fn(state, setup.tables, data, order[1], jnp.arange(step, step + n, dtype=jnp.int32))
+        else:
+            batch = stream.batch(step)
+            x, y = train.shard_batch(mesh, (batch[0], train.targets(batch, task)))
+            state, loss = step_fn(state, setup.tables, x, y)
+            loss = loss[None]
+        return state, loss[None]
+
+    member.log_info(n_dev, K)
+    _train([member], state, advance, lambda s, i: s, K, cfg.model, progress, _kill_at_step, _term_at_step)
+    return member.finish()
+
+
+def fit_members(cfgs: list, workdirs: list, progress: bool = True, steps_per_call: int | None = None,
+                _kill_at_step: int | None = None, _term_at_step: int | None = None) -> list:
+    """Train (or resume) several runs that differ only in their seeds, in one program on one device.
+
+    ``cfgs[i]`` trains in ``workdirs[i]`` exactly as :func:`fit` would train it alone (same
+    workdir layout, checkpoints, hold-out, early stopping, final test records; a member can be
+    resumed, evaluated or exported alone), but every training step of all members is one
+    compiled call (:func:`train.make_members_chunk`, ``vmap`` over the members). That gives a
+    small model's step more work per kernel launch: on a GPU several seeds then cost little more
+    than one. A member that stops early keeps its state while the others go on; a member resumed
+    from a later checkpoint than the others waits until they reach it. Returns the members'
+    final test records, in order. Floats differ from separate runs in the last bits.
+
+    ``steps_per_call``, SIGTERM and the test hooks as in :func:`fit`. Uses the first device only
+    (several seeds share one device; run one process per device to use more).
+    """
+    cfgs, workdirs = list(cfgs), [os.path.abspath(w) for w in workdirs]
+    if not cfgs or len(cfgs) != len(workdirs):
+        raise RunError(f"fit_members needs one workdir per config, got {len(cfgs)} configs and {len(workdirs)} workdirs")
+    for cfg in cfgs:
+        cfg.validate()
+    base = dataclasses.replace(cfgs[0], seed=0)
+    for cfg in cfgs[1:]:
+        if dataclasses.replace(cfg, seed=0) != base:
+            diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "seed" and getattr(cfgs[0], k) != v)
+            raise RunError(f"runs trained together may differ only in their seed; these differ in {diff}")
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds) or len(set(workdirs)) != len(workdirs):
+        raise RunError(f"runs trained together need distinct seeds and workdirs, got seeds {seeds}")
+    if jax.process_count() > 1:
+        raise RunError("several seeds in one process train on one host; use fit per run with jax.distributed")
+    K = _steps_per_call(steps_per_call)
+    setup = RunSetup.build(cfgs[0], mesh=train.make_mesh(jax.devices()[:1]))
+    tx = optax.adam(cfgs[0].learning_rate)  # one optimizer: the members' states share its static part
+    members = [_Member(cfg, wd, setup, tx) for cfg, wd in zip(cfgs, workdirs)]
+    if len({m.stream.n for m in members}) != 1:  # the same counts: only synthetic digits could differ
+        raise RunError("runs trained together need the same number of training digits")
+    state = train.stack_states([m.state0 for m in members])
+    data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[m.stream.data for m in members])
+    keys = jnp.stack([m.stream.keys for m in members])
+    chunk = train.make_members_chunk(setup.model, setup.task, members[0].stream.batch_of)
+    order = [None, None]
+
+    def advance(state, step, n, active):
+        epoch = members[0].stream.epoch_of(step)
+        if order[0] != epoch:
+            order[:] = epoch, jnp.stack([m.stream.epoch_order(step) for m in members])
+        return chunk(state, setup.tables, data, order[1], keys, jnp.arange(step, step + n, dtype=jnp.int32),
+                     jnp.asarray(active))
+
+    for i, m in enumerate(members):
+        m.log_info(1, K, members={"seeds": seeds, "index": i})
+    name = f"{cfgs[0].model} x{len(members)} seeds"
+    _train(members, state, advance, train.member_state, K, name, progress, _kill_at_step, _term_at_step)
+    return [m.finish() for m in members]
 
 
 def default_steps_per_call() -> int:

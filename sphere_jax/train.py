@@ -180,6 +180,48 @@ def make_train_chunk(model: nn.Module, task: Task, batch_of: Callable, mesh: Mes
     return jax.jit(chunk, donate_argnums=(0,))
 
 
+def make_members_chunk(model: nn.Module, task: Task, batch_of: Callable) -> Callable:
+    """``chunk(states, tables, data, orders, keys, steps, active) -> (states, losses)``: ``M``
+    runs of one model and one data configuration that differ in their seeds, trained together,
+    ``K = len(steps)`` steps in one compiled call: :func:`make_train_chunk`'s chunk ``vmap``-ped
+    over the members (leading axis ``M`` of ``states``, ``data``, ``orders``, ``keys``, ``active``).
+
+    ``states``: the members' :class:`TrainState` stacked leaf by leaf; ``data``: their digits
+    (``uint8 [M, n, 28, 28]``, ``int32 [M, n]``); ``orders``: ``int32 [M, n * copies]``, each
+    member's order of the epoch of ``steps``; ``keys``: ``[M, 2]`` the members' stream keys
+    (:attr:`sphere_jax.data.pipeline.DigitStream.keys`); ``steps``: ``int32 [K]``, shared;
+    ``active``: ``bool [M]``, a member with ``False`` keeps its state (a run that stopped early,
+    or one that waits for the others to reach its step). ``losses``: ``float32 [M, K]``.
+    ``batch_of(data, step, order, keys)`` is one member's batch (:meth:`DigitStream.batch_of`).
+    One device; the old states are donated; one compilation per ``K``.
+
+    Each member computes what its own :func:`make_train_chunk` would, in one program whose
+    matmuls and convolutions carry the member axis: more work per kernel launch, which is what
+    small models on a GPU lack. Floats may differ from separate runs in the last bits.
+    """
+    step_fn = _train_step(model, task)
+
+    def one(state: TrainState, tables, data, order, keys, steps, active):
+        def body(state, step):
+            batch = batch_of(data, step, order, keys)
+            new, loss = step_fn(state, tables, batch[0], targets(batch, task))
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state), loss
+
+        return jax.lax.scan(body, state, steps)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0, None, 0)), donate_argnums=(0,))
+
+
+def stack_states(states: list) -> TrainState:
+    """Members' :class:`TrainState`\\ s (same tree) -> one whose leaves carry a leading member axis."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+
+
+def member_state(states: TrainState, i: int) -> TrainState:
+    """Member ``i`` of :func:`stack_states`'s result."""
+    return jax.tree_util.tree_map(lambda a: a[i], states)
+
+
 def make_predict(model: nn.Module) -> Callable:
     """``predict(variables, tables, x) -> logits``, jit-compiled (evaluation mode).
 

@@ -106,12 +106,13 @@ class DigitStream:
                 f"{self.n} digits x {copies} copies cannot fill one batch of {config.batch_size} x {k} digits"
             )
         self.data = (jnp.asarray(images), jnp.asarray(labels, jnp.int32))  # the digits, on device
-        key = jax.random.key(seed)
-        self._order_key, self._rot_key = jax.random.split(key)
+        # [2] keys: the epochs' orders, the rotations; an argument of batch_of, so that streams
+        # of several seeds can make their batches in one vmapped program
+        self.keys = jax.random.split(jax.random.key(seed))
         self._copies = copies
         self._batch = jax.jit(self.batch_of)
         self._order = jax.jit(
-            lambda epoch: jax.random.permutation(jax.random.fold_in(self._order_key, epoch), self.items_per_epoch)
+            lambda epoch: jax.random.permutation(jax.random.fold_in(self.keys[0], epoch), self.items_per_epoch)
         )
         self._cached_order = (None, None)  # (epoch, device array): the shuffle is per epoch, not per step
 
@@ -122,42 +123,45 @@ class DigitStream:
         items = jax.lax.dynamic_slice_in_dim(order, within * per_step, per_step)
         return items % self.n, items // self.n  # digit, copy
 
-    def _rotations(self, step, order):
-        """Rotations ``[B, k, 3, 3]`` of the batch of ``step``."""
+    def _rotations(self, step, order, rot_key=None):
+        """Rotations ``[B, k, 3, 3]`` of the batch of ``step`` (``rot_key``: default ``keys[1]``)."""
         cfg = self.config
+        rot_key = self.keys[1] if rot_key is None else rot_key
         k = cfg.digits_per_image
         per_step = cfg.batch_size * k
         shape = (cfg.batch_size, k)
         digit, copy = self._items(step, order)
         if k > 1:  # scenes: placement keyed by the scene
             if cfg.copies is None or not cfg.rotate:
-                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self._rot_key, step), i))(
+                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rot_key, step), i))(
                     jnp.arange(cfg.batch_size))
             else:
                 first = lambda a: a.reshape(shape)[:, 0]
-                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(self._rot_key, d), c))(
+                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(rot_key, d), c))(
                     first(digit), first(copy))
             sep = np.radians(cfg.min_separation_deg)
             return jax.vmap(lambda kk: sphere.separated_rotations(kk, k, sep))(keys)
         if cfg.rotate:
             if cfg.copies is None:  # fresh: key from (step, position)
-                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(self._rot_key, step), i))(
+                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rot_key, step), i))(
                     jnp.arange(per_step))
             else:  # fixed copies: key from (digit, copy)
-                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(self._rot_key, d), c))(digit, copy)
+                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(rot_key, d), c))(digit, copy)
             return jax.vmap(rotations.random_rotations)(keys).reshape(shape + (3, 3))
         return rotations.identity_rotations(shape)
 
-    def batch_of(self, data, step, order):
+    def batch_of(self, data, step, order, keys=None):
         """Traceable form of :meth:`batch`, for a compiled loop over steps: ``data`` is
         :attr:`data` (``uint8 [n, 28, 28]``, ``int32 [n]``), ``step`` an int32 scalar and ``order``
         ``int32 [n * copies]`` the order of the step's epoch (:meth:`epoch_order`; a step of
-        another epoch gets a wrong batch, silently). Returns ``(x float32 [B, 2L, 2L-1, 1],
+        another epoch gets a wrong batch, silently). ``keys``: :attr:`keys` (the default) or those
+        of a stream of the same configuration and another seed, which then gives that stream's
+        batch from its own ``data`` and ``order``. Returns ``(x float32 [B, 2L, 2L-1, 1],
         labels int32 [B, k], mask int32 [B, 2L, 2L-1])``."""
         cfg = self.config
         shape = (cfg.batch_size, cfg.digits_per_image)
         digit, _ = self._items(step, order)
-        rots = self._rotations(step, order)
+        rots = self._rotations(step, order, None if keys is None else keys[1])
         imgs = data[0][digit].reshape(shape + (28, 28))
         labs = data[1][digit].reshape(shape)
         x, mask = sphere.spherical_batch(imgs, labs, rots, L=cfg.L, threshold=cfg.threshold,
