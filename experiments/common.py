@@ -56,6 +56,9 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("checkpoint_every", 200, "steps between checkpoints")
     flags.DEFINE_integer("patience", 0, "stop after this many evaluations without improvement (0: never)")
     flags.DEFINE_integer("seed", 0, "seed of everything random")
+    flags.DEFINE_list("seeds", None, "train several seeds together in one program on one device (vmap), e.g. "
+                      "--seeds=0,1,2: each a run of its own in --workdir with '{seed}' replaced by the seed "
+                      "(else WORKDIR/seed<seed>); several seeds of a small model cost little more than one on a GPU")
     flags.DEFINE_bool("test_every_eval", False, "also score the test digits at every evaluation (a test-set learning "
                       "curve in metrics.jsonl, as the reference code prints per epoch); never used to choose or stop")
     flags.DEFINE_string("init_from", None, "fine-tune: start from a pretrained model's parameters "
@@ -108,13 +111,36 @@ def fail(msg: str):
     sys.exit(1)
 
 
+def seeds_and_workdirs() -> tuple[list[int], list[str]]:
+    """``--seeds`` and each seed's workdir (``--workdir`` with ``{seed}`` replaced, else
+    ``WORKDIR/seed<seed>``)."""
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        fail(f"--seeds takes comma-separated integers, got {','.join(FLAGS.seeds)!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        fail(f"--seeds needs distinct seeds, got {','.join(FLAGS.seeds)!r}")
+    wd = FLAGS.workdir
+    workdirs = [wd.replace("{seed}", str(s)) if "{seed}" in wd else f"{wd}/seed{s}" for s in seeds]
+    return seeds, workdirs
+
+
 def run(task: str):
+    import dataclasses
+
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     use_compilation_cache()
     init_distributed()
     try:
+        if FLAGS.seeds:
+            seeds, workdirs = seeds_and_workdirs()
+            cfgs = [dataclasses.replace(config(), seed=s) for s in seeds]
+            results = runner.fit_members(cfgs, workdirs, steps_per_call=FLAGS.steps_per_call)
+            for wd in workdirs:
+                print(open(f"{wd}/summary.md").read())
+            return results
         result = runner.fit(config(), FLAGS.workdir, steps_per_call=FLAGS.steps_per_call)
     except runner.RunError as e:
         fail(str(e))

@@ -78,6 +78,8 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
         train_recs = [r for r in recs if "train_loss" in r]
         last = train_recs[-1] if train_recs else {}
         steps = last.get("step")
+        # runs trained together (--seeds) share their wall time: a run's cost per step is its share
+        together = len((info.get("members") or {}).get("seeds", [None]))
         # the run's own test rotation first, then the other one (a run evaluates both at the end)
         for rot in sorted(tests, key=lambda r: r != bool(cfg.get("test_rotate"))):
             test = tests[rot]
@@ -91,7 +93,8 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
                 aug=aug_label(cfg.get("copies")) if cfg.get("train_rotate") else "1",
                 metrics=m, score=float(m[METRIC[task][0]]), steps_done=steps,
                 epochs=last.get("epochs"), train_seconds=last.get("seconds"),
-                step_seconds=(last["seconds"] / steps) if steps and last.get("seconds") is not None else None,
+                step_seconds=(last["seconds"] / steps / together) if steps and last.get("seconds") is not None else None,
+                trained_with=together,
                 checkpoint_step=test.get("checkpoint_step"), stopped_early=test.get("stopped_early"),
                 params=info.get("params"), device=info.get("device"),
                 finished="final_step" in test,  # else an interim evaluation of a run cut before its end
@@ -105,7 +108,8 @@ def study_rows(runs: list[dict]) -> list[dict]:
     """One object per (run, test rotation), in the study's format: ``dataset, digits_per_image,
     model, params, train_rotation, test_rotation`` ("none" / "so3"), ``augmentation`` (copies as
     an integer, or "fresh"), ``seed, epochs, steps`` (steps trained; ``best_step``: the evaluated
-    checkpoint), ``n_test, device, train_seconds`` and the scores: ``test_accuracy``
+    checkpoint), ``n_test, device, train_seconds`` (wall time; ``trained_with`` > 1: shared by that
+    many runs trained together in one program) and the scores: ``test_accuracy``
     (classification) or ``test_miou, test_miou_digits, test_pixel_accuracy`` and their
     area-weighted variants (segmentation)."""
     out = []
@@ -120,7 +124,7 @@ def study_rows(runs: list[dict]) -> list[dict]:
             "epochs": r.get("epochs"), "steps": r.get("steps_done"), "best_step": r.get("checkpoint_step"),
             "stopped_early": r.get("stopped_early"), "finished": r.get("finished", True), "n_test": m.get("n"),
             "device": r.get("device"),
-            "train_seconds": r.get("train_seconds"), "workdir": r["workdir"],
+            "train_seconds": r.get("train_seconds"), "trained_with": r.get("trained_with", 1), "workdir": r["workdir"],
         }
         if r["task"] == "classify":
             row["test_accuracy"] = m["accuracy"]
@@ -224,6 +228,8 @@ def markdown(runs: list[dict], unfinished: list[str] = ()) -> str:
                 detail = (f"pixel acc {100 * m['pixel_accuracy']:.2f} %, mIoU {m['miou']:.4f}, mIoU digits "
                           f"{m['miou_digits']:.4f}, area mIoU {m.get('area_miou', float('nan')):.4f} (n={m.get('n')})")
             sps = f"{r['step_seconds']:.3f}" if r["step_seconds"] else "-"
+            if r.get("trained_with", 1) > 1:  # its wall time, shared; s/step: its share
+                sps += f" (1 of {r['trained_with']})"
             cut = "" if r.get("finished", True) else " (interim: cut before its end)"
             test = "rotated (R)" if r["test"] == "R" else "canonical (NR)"
             lines.append(f"| {r['workdir']}{cut} | {test} | {cell(r['task'], [r['score']])} | {detail} | {r['steps_done']} | "

@@ -48,7 +48,9 @@
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps), XLA_CACHE (the train
 # stage's compilation cache, default .whl/xla). Carry .whl/ (s2fft wheel,
 # .whl/data/{mnist,fashion_mnist}.npz, .whl/xla: the last window's xla_cache.tgz unpacked, at most
-# 15 MB). Runs resume: unpack sweep_state.tgz into $SWEEP first.
+# 15 MB), GROUP_SEEDS=0 (each classification run in its own process; default 1: runs that differ
+# only in their seed train together, launch.run_grid --group_seeds). Runs resume: unpack
+# sweep_state.tgz into $SWEEP first.
 set -u
 TRAIN_S=${1:?seconds of training}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -340,14 +342,19 @@ if [ -n "${CLS_EXTRA_ONLY:-}" ] && [ "$CLS_S" -gt 30 ]; then
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
 fi
 if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
+  # GROUP_SEEDS=1 (default): runs that differ only in their seed train together, one program
+  # (runner.fit_members; the deep S2CNN's seeds: 35+36, 32+1+31)
+  group=(); [ "${GROUP_SEEDS:-1}" = 1 ] && group=(--group_seeds)
   timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
-    --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
+    --jobs="$CLS_JOBS" "${group[@]}" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
   rc=$?
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
-  # a run that failed with K > 1 steps per call (new code on this jax) is retried with K = 1 in
-  # the time left; rc 124: the timeout stopped the sweep, nothing failed
-  if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$SPHERE_JAX_STEPS_PER_CALL" != 1 ] && [ "$CLS_S" -gt 60 ]; then
-    echo "run_grid exited $rc with K=$SPHERE_JAX_STEPS_PER_CALL; retrying with K=1 for $CLS_S s" | tee -a "$OUT/env.txt"
+  # a run that failed with K > 1 steps per call or with its seeds together (new code on this
+  # jax) is retried alone with K = 1 in the time left; rc 124: the timeout stopped the sweep,
+  # nothing failed
+  if [ "$rc" != 0 ] && [ "$rc" != 124 ] && { [ "$SPHERE_JAX_STEPS_PER_CALL" != 1 ] || [ ${#group[@]} -gt 0 ]; } \
+      && [ "$CLS_S" -gt 60 ]; then
+    echo "run_grid exited $rc with K=$SPHERE_JAX_STEPS_PER_CALL ${group[*]}; retrying with K=1, one run per process, for $CLS_S s" | tee -a "$OUT/env.txt"
     SPHERE_JAX_STEPS_PER_CALL=1 timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification \
       --only="$CLS_ONLY" --jobs="$CLS_JOBS" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
   fi

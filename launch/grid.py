@@ -91,6 +91,60 @@ class Run:
         return {"index": self.index, "name": self.name, "task": self.task, "config": dataclasses.asdict(self.config)}
 
 
+@dataclasses.dataclass(frozen=True)
+class RunGroup:
+    """Runs of a grid that differ only in their seeds, trained together by one process
+    (``--seeds``, :func:`sphere_jax.runner.fit_members`). Each keeps its own workdir and state;
+    ``index``, ``name``, ``workdir`` and ``argv`` are those a sweep needs, as for a :class:`Run`."""
+
+    runs: tuple
+
+    def __post_init__(self):
+        first = self.runs[0]
+        for r in self.runs[1:]:
+            if r.task != first.task or dataclasses.replace(r.config, seed=0) != dataclasses.replace(first.config, seed=0):
+                raise GridError(f"runs {first.index} and {r.index} differ in more than their seed")
+
+    @property
+    def index(self) -> int:
+        return self.runs[0].index
+
+    @property
+    def name(self) -> str:
+        return f"{self.runs[0].name} (+ seeds {', '.join(str(r.config.seed) for r in self.runs[1:])})"
+
+    def workdir(self, root: str) -> str:
+        """The first run's workdir: the group's log goes to its ``run.log``."""
+        return self.runs[0].workdir(root)
+
+    def workdir_pattern(self, root: str) -> str:
+        """The members' workdir with ``{seed}`` for the seed (``--workdir`` of ``--seeds``)."""
+        first = self.runs[0]
+        suffix = f"seed{first.config.seed}"
+        assert first.name.endswith(suffix), first.name
+        pattern = first.workdir(root)[: -len(suffix)] + "seed{seed}"
+        for r in self.runs:
+            assert pattern.replace("{seed}", str(r.config.seed)) == r.workdir(root), (pattern, r.name)
+        return pattern
+
+    def argv(self, root: str, python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+        """``python -m experiments.<task> ... --seeds=A,B,.. --workdir=.../seed{seed}``."""
+        first = self.runs[0]
+        seeds = ",".join(str(r.config.seed) for r in self.runs)
+        flags = [f"--seeds={seeds}" if f.startswith("--seed=") else f for f in config_flags(first.config)]
+        return [python or sys.executable, "-m", f"experiments.{first.task}"] + flags + [
+            f"--workdir={self.workdir_pattern(root)}"] + list(extra)
+
+
+def group_by_seed(runs: Sequence[Run]) -> list:
+    """``runs`` with those that differ only in their seed put together as one :class:`RunGroup`
+    (in the order of each group's first run); a run alone stays a :class:`Run`."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r.task, dataclasses.replace(r.config, seed=0)), []).append(r)
+    return [g[0] if len(g) == 1 else RunGroup(tuple(g)) for g in groups.values()]
+
+
 def config_flags(cfg: RunConfig) -> list[str]:
     """Flags of ``experiments/common.py`` that reproduce ``cfg`` exactly (workdir excluded)."""
     flags = [

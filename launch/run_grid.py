@@ -137,6 +137,11 @@ class SubprocessExecutor:
     def __call__(self, run: grid_lib.Run, root: str, env: dict) -> int:
         wd = run.workdir(root)
         os.makedirs(wd, exist_ok=True)
+        for member in getattr(run, "runs", ())[1:]:  # a group logs to its first run's run.log
+            os.makedirs(member.workdir(root), exist_ok=True)
+            with open(os.path.join(member.workdir(root), "run.log"), "a") as log:
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} trained with seeds of run {run.index}: "
+                          f"see {os.path.join(wd, 'run.log')}\n")
         full_env = dict(os.environ)
         full_env.update(env)
         full_env["PYTHONPATH"] = os.pathsep.join([grid_lib.REPO] + [p for p in [full_env.get("PYTHONPATH")] if p])
@@ -200,7 +205,7 @@ def _event(root: str, **rec):
 
 def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None = None, jobs: int | None = None,
             devices: Sequence[str] | None = None, stop_on_failure: bool = False,
-            log: Callable[[str], None] = print) -> SweepResult:
+            log: Callable[[str], None] = print, group_seeds: bool = False) -> SweepResult:
     """Train every unfinished run of ``runs`` under ``root``.
 
     Args:
@@ -209,6 +214,9 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
       devices: GPU ids, split among the workers by :func:`device_slots` (default
         :func:`visible_gpus`; ``[]`` for none: no ``CUDA_VISIBLE_DEVICES`` is set).
       stop_on_failure: stop dispatching after the first failed run.
+      group_seeds: unfinished runs that differ only in their seed train together, one process
+        each group (:class:`launch.grid.RunGroup`; on a GPU, several seeds of a small model cost
+        little more than one). Each run of a group is still done, failed or resumed on its own.
 
     A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM via :func:`main`) stops the children and
     returns with ``interrupted=True``; unfinished runs resume when the sweep is started again.
@@ -217,7 +225,8 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
     executor = executor or SubprocessExecutor()
     devices = visible_gpus() if devices is None else list(devices)
     res = SweepResult()
-    todo: "queue.Queue[grid_lib.Run]" = queue.Queue()
+    todo: "queue.Queue[grid_lib.Run | grid_lib.RunGroup]" = queue.Queue()
+    left = []
     for run in runs:
         state = run_state(run, root)
         if state == DONE:
@@ -226,10 +235,13 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
             res.conflicts.append(run.index)
             log(f"[{run.index}] {run.name}: CONFLICT, its workdir holds another configuration; move it away")
         else:
-            todo.put(run)
+            left.append(run)
+    for unit in grid_lib.group_by_seed(left) if group_seeds else left:
+        todo.put(unit)
     jobs = jobs or max(1, min(len(devices), todo.qsize()))
     slots = device_slots(devices, jobs)
-    log(f"{len(runs)} runs: {len(res.skipped)} finished before, {todo.qsize()} to run, "
+    grouped = f" in {todo.qsize()} processes" if group_seeds else ""
+    log(f"{len(runs)} runs: {len(res.skipped)} finished before, {len(left)} to run{grouped}, "
         f"{len(res.conflicts)} conflicts; {jobs} at a time" + (f" on GPUs {slots}" if devices else ""))
     stop = threading.Event()
     lock = threading.Lock()
@@ -260,18 +272,19 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
                 _event(root, event="interrupted", index=run.index, name=run.name)
                 return
             secs = round(time.time() - t0, 1)
-            finished = run_state(run, root) == DONE
-            ok = rc == 0 and finished
-            with lock:
-                (res.done if ok else res.failed).append(run.index)
-            _event(root, event="end", index=run.index, name=run.name, rc=rc, finished=finished, seconds=secs)
-            if ok:
-                log(f"[{run.index}] {run.name}: done in {secs} s")
-            else:
-                why = f"exit status {rc}" if rc != 0 else "no final test record"
-                log(f"[{run.index}] {run.name}: FAILED ({why}), see {os.path.join(run.workdir(root), 'run.log')}")
-                if stop_on_failure:
-                    stop.set()
+            for member in getattr(run, "runs", (run,)):  # a group: each of its runs
+                finished = run_state(member, root) == DONE
+                ok = rc == 0 and finished
+                with lock:
+                    (res.done if ok else res.failed).append(member.index)
+                _event(root, event="end", index=member.index, name=member.name, rc=rc, finished=finished, seconds=secs)
+                if ok:
+                    log(f"[{member.index}] {member.name}: done in {secs} s")
+                else:
+                    why = f"exit status {rc}" if rc != 0 else "no final test record"
+                    log(f"[{member.index}] {member.name}: FAILED ({why}), see {os.path.join(run.workdir(root), 'run.log')}")
+                    if stop_on_failure:
+                        stop.set()
 
     if jobs == 1:
         try:
@@ -316,6 +329,9 @@ def _parse(argv):
     p.add_argument("--list", action="store_true", help="print every run with its state and exit")
     p.add_argument("--dry_run", action="store_true", help="print the commands of the unfinished runs and exit")
     p.add_argument("--stop_on_failure", action="store_true")
+    p.add_argument("--group_seeds", action="store_true",
+                   help="train unfinished runs that differ only in their seed together, one process per group "
+                        "(--seeds: one program, one device); each run keeps its own workdir")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every run, e.g. --set source=npz --set digits_npz=/data/mnist.npz "
@@ -361,13 +377,14 @@ def main(argv=None) -> int:
             return 2
         # in the order given (a window's priorities), each run once
         runs = [by_index[i] for i in dict.fromkeys(keep)]
-    if args.list or args.dry_run:
+    if args.list:
         for r in runs:
-            state = run_state(r, root)
-            if args.list:
-                print(f"{r.index:4d}  {state:8s}  {r.name}")
-            elif state != DONE:
-                print(" ".join(r.argv(root, args.python)))
+            print(f"{r.index:4d}  {run_state(r, root):8s}  {r.name}")
+        return 0
+    if args.dry_run:
+        left = [r for r in runs if run_state(r, root) not in (DONE, CONFLICT)]
+        for unit in grid_lib.group_by_seed(left) if args.group_seeds else left:
+            print(" ".join(unit.argv(root, args.python)))
         return 0
     extra = []
     if args.coordinator_address:
@@ -385,7 +402,8 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)  # SIGTERM (SLURM preemption, kill) stops the children too
     try:
-        res = execute(runs, root, executor, jobs=args.jobs, stop_on_failure=args.stop_on_failure)
+        res = execute(runs, root, executor, jobs=args.jobs, stop_on_failure=args.stop_on_failure,
+                      group_seeds=args.group_seeds)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if res.interrupted:

@@ -688,3 +688,39 @@ def test_carry_writes_the_npz_the_runs_read(tmp_path):
     with pytest.raises(ValueError, match=r"not \[n, 28, 28\]"):
         carry.write_npz("mnist", path, load=lambda d, split: (np.zeros((3, 28, 27)), np.zeros(3)))
     assert carry.main(["--datasets=emnist", "--no_wheel", f"--out={tmp_path}"]) == 2
+
+
+def test_group_seeds_trains_runs_that_differ_only_in_seed_together(tmp_path):
+    """``--group_seeds``: one process per group of unfinished runs that differ only in their seed;
+    each run is still done (or failed) on its own, and a finished seed leaves its group."""
+    root = str(tmp_path)
+    runs = grid.expand(SMALL)
+
+    class GroupFake(FakeExecutor):
+        def __call__(self, unit, root, env):
+            self.calls.append(unit.index)
+            for r in getattr(unit, "runs", (unit,)):
+                fake_workdir(r.workdir(root), r.config, 0.5, r.task)
+            return 0
+
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault((r.task, dataclasses.replace(r.config, seed=0)), []).append(r)
+    pairs = [g for g in by_seed.values() if len(g) == 2]
+    assert len(pairs) == 6  # the CNN block: 2 models x 3 levels, seeds 0 and 1
+    first = pairs[0]
+    fake_workdir(first[1].workdir(root), first[1].config, 0.9, first[1].task)  # seed 1 finished before
+    ex = GroupFake()
+    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None, group_seeds=True)
+    assert len(ex.calls) == len(runs) - 1 - 5  # one call per group of two, the finished seed skipped
+    assert res.skipped == [first[1].index] and sorted(res.done) == sorted(r.index for r in runs if r is not first[1])
+    # a group's command: --seeds and a workdir pattern that gives each run its own workdir
+    group = grid.RunGroup(tuple(pairs[1]))
+    argv = group.argv(root, "python")
+    assert f"--seeds=0,1" in argv and not any(a.startswith("--seed=") for a in argv)
+    pattern = [a for a in argv if a.startswith("--workdir=")][0][len("--workdir="):]
+    assert [pattern.replace("{seed}", str(r.config.seed)) for r in pairs[1]] == [r.workdir(root) for r in pairs[1]]
+    same = lambda flags: [f for f in flags if not f.startswith(("--seed", "--workdir"))]
+    assert same(argv) == same(pairs[1][0].argv(root, "python"))
+    with pytest.raises(grid.GridError, match="differ in more than their seed"):
+        grid.RunGroup((runs[0], pairs[1][0]))
