@@ -58,7 +58,10 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_integer("seed", 0, "seed of everything random")
     flags.DEFINE_list("seeds", None, "train several seeds together in one program on one device (vmap), e.g. "
                       "--seeds=0,1,2: each a run of its own in --workdir with '{seed}' replaced by the seed "
-                      "(else WORKDIR/seed<seed>); several seeds of a small model cost little more than one on a GPU")
+                      "(else WORKDIR/seed<seed>); several runs of a small model cost little more than one on a GPU")
+    flags.DEFINE_list("augmentations", None, "with or without --seeds: train these augmentation levels together "
+                      "(e.g. 1,2,4,fresh; every level with every seed), --workdir's '{aug}' replaced by the level "
+                      "(else WORKDIR/aug<level>)")
     flags.DEFINE_bool("test_every_eval", False, "also score the test digits at every evaluation (a test-set learning "
                       "curve in metrics.jsonl, as the reference code prints per epoch); never used to choose or stop")
     flags.DEFINE_string("init_from", None, "fine-tune: start from a pretrained model's parameters "
@@ -78,14 +81,7 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
 
 
 def config() -> runner.RunConfig:
-    aug = FLAGS.augmentation
-    if aug == "fresh":
-        copies = None
-    else:
-        try:
-            copies = int(aug)
-        except ValueError:
-            fail(f"--augmentation must be a positive integer or 'fresh', got {aug!r}")
+    copies = _copies(FLAGS.augmentation)
     return runner.RunConfig(
         model=registry.resolve(FLAGS.model, TASK["name"]), dataset=FLAGS.dataset, source=FLAGS.source, L=FLAGS.L,
         digits_per_image=FLAGS.digits_per_image, train_rotate=FLAGS.train_rotation == "so3",
@@ -111,32 +107,51 @@ def fail(msg: str):
     sys.exit(1)
 
 
-def seeds_and_workdirs() -> tuple[list[int], list[str]]:
-    """``--seeds`` and each seed's workdir (``--workdir`` with ``{seed}`` replaced, else
-    ``WORKDIR/seed<seed>``)."""
+def _copies(aug: str):
+    if aug == "fresh":
+        return None
     try:
-        seeds = [int(s) for s in FLAGS.seeds]
+        return int(aug)
+    except ValueError:
+        fail(f"--augmentation must be a positive integer or 'fresh', got {aug!r}")
+
+
+def members() -> tuple[list[runner.RunConfig], list[str]]:
+    """The runs of ``--seeds`` x ``--augmentations`` and their workdirs (``--workdir`` with
+    ``{seed}`` / ``{aug}`` replaced; an axis of several values without its placeholder adds
+    ``/seed<seed>`` / ``/aug<level>``)."""
+    import dataclasses
+    import itertools
+
+    try:
+        seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [FLAGS.seed]
     except ValueError:
         fail(f"--seeds takes comma-separated integers, got {','.join(FLAGS.seeds)!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        fail(f"--seeds needs distinct seeds, got {','.join(FLAGS.seeds)!r}")
+    augs = list(FLAGS.augmentations) if FLAGS.augmentations else [FLAGS.augmentation]
+    for name, values in (("--seeds", seeds), ("--augmentations", augs)):
+        if not values or len(set(values)) != len(values):
+            fail(f"{name} needs distinct values, got {values}")
     wd = FLAGS.workdir
-    workdirs = [wd.replace("{seed}", str(s)) if "{seed}" in wd else f"{wd}/seed{s}" for s in seeds]
-    return seeds, workdirs
+    for key, values in (("aug", augs), ("seed", seeds)):
+        if len(values) > 1 and "{" + key + "}" not in wd:
+            wd = f"{wd}/{key}{{{key}}}"
+    cfg = config()
+    cfgs, workdirs = [], []
+    for aug, seed in itertools.product(augs, seeds):
+        cfgs.append(dataclasses.replace(cfg, seed=seed, copies=_copies(aug)))
+        workdirs.append(wd.replace("{seed}", str(seed)).replace("{aug}", aug))
+    return cfgs, workdirs
 
 
 def run(task: str):
-    import dataclasses
-
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     use_compilation_cache()
     init_distributed()
     try:
-        if FLAGS.seeds:
-            seeds, workdirs = seeds_and_workdirs()
-            cfgs = [dataclasses.replace(config(), seed=s) for s in seeds]
+        if FLAGS.seeds or FLAGS.augmentations:
+            cfgs, workdirs = members()
             results = runner.fit_members(cfgs, workdirs, steps_per_call=FLAGS.steps_per_call)
             for wd in workdirs:
                 print(open(f"{wd}/summary.md").read())

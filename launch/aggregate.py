@@ -78,7 +78,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
         train_recs = [r for r in recs if "train_loss" in r]
         last = train_recs[-1] if train_recs else {}
         steps = last.get("step")
-        # runs trained together (--seeds) share their wall time: a run's cost per step is its share
+        # runs trained together (--seeds, --augmentations) share their wall time: a run's cost per step is its share
         together = len((info.get("members") or {}).get("seeds", [None]))
         # the run's own test rotation first, then the other one (a run evaluates both at the end)
         for rot in sorted(tests, key=lambda r: r != bool(cfg.get("test_rotate"))):

@@ -48,8 +48,10 @@
 # SKIP_INSTALL=1 and SMOKE=1 (CPU smoke test: tiny band-limit and steps), XLA_CACHE (the train
 # stage's compilation cache, default .whl/xla). Carry .whl/ (s2fft wheel,
 # .whl/data/{mnist,fashion_mnist}.npz, .whl/xla: the last window's xla_cache.tgz unpacked, at most
-# 15 MB), GROUP_SEEDS=0 (each classification run in its own process; default 1: runs that differ
-# only in their seed train together, launch.run_grid --group_seeds). Runs resume: unpack
+# 15 MB), TOGETHER (classification runs that differ only in seed and augmentation level train
+# together, at most this many per process, launch.run_grid --together; default 0: no limit; ""
+# each run alone), SEG_MODE=grid with SEG_ONLY (runs of paper_segmentation, default the MNIST
+# CNNs 1-15) and SEG_TOGETHER (default 5: each CNN size's five levels in one program). Runs resume: unpack
 # sweep_state.tgz into $SWEEP first.
 set -u
 TRAIN_S=${1:?seconds of training}
@@ -315,6 +317,12 @@ if [ "$SEG_MODE" = run0 ]; then
   SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only=0 \
     --jobs=1 "${common[@]}" "${SEG_SET[@]}" > "$OUT/sweep_seg.log" 2>&1 &
   SEG_PIDS+=($!)
+elif [ "$SEG_MODE" = grid ]; then  # the segmentation CNNs, several runs per program, beside the classification runs
+  seg_group=(); [ -n "${SEG_TOGETHER-5}" ] && seg_group=(--together="${SEG_TOGETHER-5}")
+  cnn_L=(); [ -n "${SMOKE:-}" ] && cnn_L=(--set L=12)  # the CNNs' valid convolutions need L >= 12
+  timeout -s TERM "$TRAIN_S" $PY -m launch.run_grid --grid=paper_segmentation --only="${SEG_ONLY:-1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}" \
+    --jobs=1 "${seg_group[@]}" "${common[@]}" "${SEG_SET[@]}" "${cnn_L[@]}" > "$OUT/sweep_seg.log" 2>&1 &
+  SEG_PIDS+=($!)
 elif [ "$SEG_MODE" != none ]; then  # one process per variant, alone on the GPU (the S2CNN trains 2.8x slower beside other
       # runs); each line of input_scale.log starts with its variant. The classification runs
       # get what is left of TRAIN_S.
@@ -342,9 +350,10 @@ if [ -n "${CLS_EXTRA_ONLY:-}" ] && [ "$CLS_S" -gt 30 ]; then
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
 fi
 if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
-  # GROUP_SEEDS=1 (default): runs that differ only in their seed train together, one program
-  # (runner.fit_members; the deep S2CNN's seeds: 35+36, 32+1+31)
-  group=(); [ "${GROUP_SEEDS:-1}" = 1 ] && group=(--group_seeds)
+  # TOGETHER=N (default 0, no limit; "" turns it off): runs that differ only in their seed and
+  # augmentation level train together, at most N in one program (runner.fit_members; by default
+  # the deep S2CNN's 35+36 and 32+1+31, the 4M CNN's levels 24+26+27+25+28)
+  group=(); [ -n "${TOGETHER-0}" ] && group=(--together="${TOGETHER-0}")
   timeout -s TERM "$CLS_S" $PY -m launch.run_grid --grid=paper_classification --only="$CLS_ONLY" \
     --jobs="$CLS_JOBS" "${group[@]}" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
   rc=$?

@@ -22,6 +22,7 @@ conflict, which :mod:`launch.run_grid` reports instead of overwriting.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -91,19 +92,36 @@ class Run:
         return {"index": self.index, "name": self.name, "task": self.task, "config": dataclasses.asdict(self.config)}
 
 
+def _shared(cfg: RunConfig) -> RunConfig:
+    """What runs trained together have in common: all but seed and augmentation."""
+    return dataclasses.replace(cfg, seed=0, copies=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunGroup:
-    """Runs of a grid that differ only in their seeds, trained together by one process
-    (``--seeds``, :func:`sphere_jax.runner.fit_members`). Each keeps its own workdir and state;
-    ``index``, ``name``, ``workdir`` and ``argv`` are those a sweep needs, as for a :class:`Run`."""
+    """Runs of a grid that differ only in their seeds and augmentation levels, every level with
+    every seed, trained together by one process (``--seeds`` / ``--augmentations``,
+    :func:`sphere_jax.runner.fit_members`). Each keeps its own workdir and state; ``index``,
+    ``name``, ``workdir`` and ``argv`` are those a sweep needs, as for a :class:`Run`."""
 
     runs: tuple
 
     def __post_init__(self):
         first = self.runs[0]
         for r in self.runs[1:]:
-            if r.task != first.task or dataclasses.replace(r.config, seed=0) != dataclasses.replace(first.config, seed=0):
-                raise GridError(f"runs {first.index} and {r.index} differ in more than their seed")
+            if r.task != first.task or _shared(r.config) != _shared(first.config):
+                raise GridError(f"runs {first.index} and {r.index} differ in more than their seed and augmentation")
+        if sorted(self._pairs()) != sorted(itertools.product(self._augs(), self._seeds())):
+            raise GridError(f"runs {[r.index for r in self.runs]} are not every augmentation level with every seed")
+
+    def _pairs(self):
+        return [(aug_label(r.config.copies), r.config.seed) for r in self.runs]
+
+    def _augs(self) -> list[str]:
+        return list(dict.fromkeys(a for a, _ in self._pairs()))
+
+    def _seeds(self) -> list[int]:
+        return list(dict.fromkeys(s for _, s in self._pairs()))
 
     @property
     def index(self) -> int:
@@ -111,38 +129,60 @@ class RunGroup:
 
     @property
     def name(self) -> str:
-        return f"{self.runs[0].name} (+ seeds {', '.join(str(r.config.seed) for r in self.runs[1:])})"
+        return f"{self.runs[0].name} (with {len(self.runs) - 1} more: augmentation {','.join(self._augs())}, " \
+               f"seeds {','.join(map(str, self._seeds()))})"
 
     def workdir(self, root: str) -> str:
         """The first run's workdir: the group's log goes to its ``run.log``."""
         return self.runs[0].workdir(root)
 
     def workdir_pattern(self, root: str) -> str:
-        """The members' workdir with ``{seed}`` for the seed (``--workdir`` of ``--seeds``)."""
+        """The runs' workdir with ``{aug}`` and ``{seed}`` (the ``--workdir`` of ``--seeds``)."""
         first = self.runs[0]
-        suffix = f"seed{first.config.seed}"
+        suffix = f"aug{first.augmentation}-seed{first.config.seed}"
         assert first.name.endswith(suffix), first.name
-        pattern = first.workdir(root)[: -len(suffix)] + "seed{seed}"
+        pattern = first.workdir(root)[: -len(suffix)] + "aug{aug}-seed{seed}"
         for r in self.runs:
-            assert pattern.replace("{seed}", str(r.config.seed)) == r.workdir(root), (pattern, r.name)
+            assert pattern.replace("{aug}", r.augmentation).replace("{seed}", str(r.config.seed)) == r.workdir(root)
         return pattern
 
     def argv(self, root: str, python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-        """``python -m experiments.<task> ... --seeds=A,B,.. --workdir=.../seed{seed}``."""
+        """``python -m experiments.<task> ... --augmentations=.. --seeds=.. --workdir=.../aug{aug}-seed{seed}``."""
         first = self.runs[0]
-        seeds = ",".join(str(r.config.seed) for r in self.runs)
-        flags = [f"--seeds={seeds}" if f.startswith("--seed=") else f for f in config_flags(first.config)]
+        swap = {"--seed=": f"--seeds={','.join(map(str, self._seeds()))}",
+                "--augmentation=": f"--augmentations={','.join(self._augs())}"}
+        flags = [next((v for k, v in swap.items() if f.startswith(k)), f) for f in config_flags(first.config)]
         return [python or sys.executable, "-m", f"experiments.{first.task}"] + flags + [
             f"--workdir={self.workdir_pattern(root)}"] + list(extra)
 
 
-def group_by_seed(runs: Sequence[Run]) -> list:
-    """``runs`` with those that differ only in their seed put together as one :class:`RunGroup`
-    (in the order of each group's first run); a run alone stays a :class:`Run`."""
-    groups: dict = {}
+def group_runs(runs: Sequence[Run], most: int = 0) -> list:
+    """``runs`` with those that differ only in seed and augmentation level put together: each
+    set of levels that has the same seeds left becomes one :class:`RunGroup` (in the order of
+    its first run), cut into groups of at most ``most`` runs (0: no limit; a group holds every
+    level of it with every seed of it); a run alone stays a :class:`Run`."""
+    by_kind: dict = {}
     for r in runs:
-        groups.setdefault((r.task, dataclasses.replace(r.config, seed=0)), []).append(r)
-    return [g[0] if len(g) == 1 else RunGroup(tuple(g)) for g in groups.values()]
+        by_kind.setdefault((r.task, _shared(r.config)), []).append(r)
+    units = []
+    for group in by_kind.values():
+        seeds_of: dict = {}
+        for r in group:
+            seeds_of.setdefault(r.config.copies, []).append(r.config.seed)
+        by_seeds: dict = {}  # the levels that have the same seeds left train together
+        for r in group:
+            by_seeds.setdefault(tuple(sorted(seeds_of[r.config.copies])), []).append(r)
+        for seeds, rs in by_seeds.items():
+            levels = list(dict.fromkeys(r.config.copies for r in rs))
+            run_of = {(r.config.copies, r.config.seed): r for r in rs}
+            s_step = min(len(seeds), most) if most else len(seeds)
+            l_step = max(1, most // s_step) if most else len(levels)
+            for i in range(0, len(seeds), s_step):
+                for j in range(0, len(levels), l_step):
+                    part = tuple(run_of[(c, sd)] for c in levels[j:j + l_step] for sd in seeds[i:i + s_step])
+                    units.append(part[0] if len(part) == 1 else RunGroup(part))
+    pos = {r.index: i for i, r in enumerate(runs)}
+    return sorted(units, key=lambda u: min(pos[r.index] for r in getattr(u, "runs", (u,))))
 
 
 def config_flags(cfg: RunConfig) -> list[str]:

@@ -205,7 +205,7 @@ def _event(root: str, **rec):
 
 def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None = None, jobs: int | None = None,
             devices: Sequence[str] | None = None, stop_on_failure: bool = False,
-            log: Callable[[str], None] = print, group_seeds: bool = False) -> SweepResult:
+            log: Callable[[str], None] = print, together: int | None = None) -> SweepResult:
     """Train every unfinished run of ``runs`` under ``root``.
 
     Args:
@@ -214,9 +214,11 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
       devices: GPU ids, split among the workers by :func:`device_slots` (default
         :func:`visible_gpus`; ``[]`` for none: no ``CUDA_VISIBLE_DEVICES`` is set).
       stop_on_failure: stop dispatching after the first failed run.
-      group_seeds: unfinished runs that differ only in their seed train together, one process
-        each group (:class:`launch.grid.RunGroup`; on a GPU, several seeds of a small model cost
-        little more than one). Each run of a group is still done, failed or resumed on its own.
+      together: not ``None``: unfinished runs that differ only in their seed and augmentation
+        level train together, at most ``together`` per process (0: no limit;
+        :class:`launch.grid.RunGroup`, :func:`launch.grid.group_runs`; on a GPU, several runs of a
+        small model cost little more than one). Each run of a group is still done, failed or
+        resumed on its own.
 
     A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM via :func:`main`) stops the children and
     returns with ``interrupted=True``; unfinished runs resume when the sweep is started again.
@@ -236,11 +238,11 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
             log(f"[{run.index}] {run.name}: CONFLICT, its workdir holds another configuration; move it away")
         else:
             left.append(run)
-    for unit in grid_lib.group_by_seed(left) if group_seeds else left:
+    for unit in left if together is None else grid_lib.group_runs(left, together):
         todo.put(unit)
     jobs = jobs or max(1, min(len(devices), todo.qsize()))
     slots = device_slots(devices, jobs)
-    grouped = f" in {todo.qsize()} processes" if group_seeds else ""
+    grouped = "" if together is None else f" in {todo.qsize()} processes"
     log(f"{len(runs)} runs: {len(res.skipped)} finished before, {len(left)} to run{grouped}, "
         f"{len(res.conflicts)} conflicts; {jobs} at a time" + (f" on GPUs {slots}" if devices else ""))
     stop = threading.Event()
@@ -329,9 +331,10 @@ def _parse(argv):
     p.add_argument("--list", action="store_true", help="print every run with its state and exit")
     p.add_argument("--dry_run", action="store_true", help="print the commands of the unfinished runs and exit")
     p.add_argument("--stop_on_failure", action="store_true")
-    p.add_argument("--group_seeds", action="store_true",
-                   help="train unfinished runs that differ only in their seed together, one process per group "
-                        "(--seeds: one program, one device); each run keeps its own workdir")
+    p.add_argument("--together", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="train unfinished runs that differ only in their seed and augmentation level together, one "
+                        "process per group of at most N runs (none given: no limit; --seeds / --augmentations: one "
+                        "program, one device); each run keeps its own workdir")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every run, e.g. --set source=npz --set digits_npz=/data/mnist.npz "
@@ -383,7 +386,7 @@ def main(argv=None) -> int:
         return 0
     if args.dry_run:
         left = [r for r in runs if run_state(r, root) not in (DONE, CONFLICT)]
-        for unit in grid_lib.group_by_seed(left) if args.group_seeds else left:
+        for unit in left if args.together is None else grid_lib.group_runs(left, args.together):
             print(" ".join(unit.argv(root, args.python)))
         return 0
     extra = []
@@ -403,7 +406,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)  # SIGTERM (SLURM preemption, kill) stops the children too
     try:
         res = execute(runs, root, executor, jobs=args.jobs, stop_on_failure=args.stop_on_failure,
-                      group_seeds=args.group_seeds)
+                      together=args.together)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if res.interrupted:

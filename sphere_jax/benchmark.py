@@ -402,7 +402,7 @@ class TrainLoop:
         step = train.make_train_step(model, task)
         if members:
             states = [state_of(key) for key in jax.random.split(k, members)]
-            self.state = train.stack_states(states)
+            self.state = train.stack_trees(states)
             self.x, self.y = jnp.stack([x] * members), jnp.stack([y] * members)
             self.step = jax.jit(jax.vmap(step, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
         else:

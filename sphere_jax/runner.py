@@ -488,7 +488,6 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
     (inactive) until the others reach it. Returns the final ``state``.
     """
     cfg = members[0].cfg
-    spe = members[0].stream.steps_per_epoch
     live = [m for m in members if not m.stopped]
     done = min((m.step for m in live), default=cfg.steps)
     bar = _Progress(progress and _is_writer(), name, cfg.steps, done)
@@ -498,7 +497,7 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
     with _SigtermFlag() as preempted:
         while live and done < cfg.steps:
             step = done
-            n = _steps_in_call(step, K, cfg, spe)
+            n = min(_steps_in_call(step, K, cfg, m.stream.steps_per_epoch) for m in live)  # K or 1
             if any(step < m.step < step + n for m in live):
                 n = 1  # a member resumed from a later checkpoint joins at its own step
             active = [not m.stopped and m.step == step for m in members]
@@ -621,58 +620,64 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
 
 def fit_members(cfgs: list, workdirs: list, progress: bool = True, steps_per_call: int | None = None,
                 _kill_at_step: int | None = None, _term_at_step: int | None = None) -> list:
-    """Train (or resume) several runs that differ only in their seeds, in one program on one device.
+    """Train (or resume) runs that differ only in their seeds and augmentation levels (``copies``)
+    together, in one program on one device.
 
     ``cfgs[i]`` trains in ``workdirs[i]`` exactly as :func:`fit` would train it alone (same
-    workdir layout, checkpoints, hold-out, early stopping, final test records; a member can be
-    resumed, evaluated or exported alone), but every training step of all members is one
-    compiled call (:func:`train.make_members_chunk`, ``vmap`` over the members). That gives a
-    small model's step more work per kernel launch: on a GPU several seeds then cost little more
-    than one. A member that stops early keeps its state while the others go on; a member resumed
-    from a later checkpoint than the others waits until they reach it. Returns the members'
-    final test records, in order. Floats differ from separate runs in the last bits.
+    workdir layout, checkpoints, hold-out, early stopping, final test records; a run can be
+    resumed, evaluated or exported alone), but every training step of all runs is one compiled
+    call (:func:`train.make_members_chunk`, ``vmap`` over the runs). That gives a small model's
+    step more work per kernel launch: on a GPU several runs then cost little more than one. A
+    run that stops early keeps its state while the others go on; a run resumed from a later
+    checkpoint than the others waits until they reach it. Returns the runs' final test records,
+    in order. Floats differ from separate runs in the last bits.
 
     ``steps_per_call``, SIGTERM and the test hooks as in :func:`fit`. Uses the first device only
-    (several seeds share one device; run one process per device to use more).
+    (runs trained together share one device; run one process per device to use more).
     """
     cfgs, workdirs = list(cfgs), [os.path.abspath(w) for w in workdirs]
     if not cfgs or len(cfgs) != len(workdirs):
         raise RunError(f"fit_members needs one workdir per config, got {len(cfgs)} configs and {len(workdirs)} workdirs")
     for cfg in cfgs:
         cfg.validate()
-    base = dataclasses.replace(cfgs[0], seed=0)
+    base = dataclasses.replace(cfgs[0], seed=0, copies=1)
     for cfg in cfgs[1:]:
-        if dataclasses.replace(cfg, seed=0) != base:
-            diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "seed" and getattr(cfgs[0], k) != v)
-            raise RunError(f"runs trained together may differ only in their seed; these differ in {diff}")
-    seeds = [c.seed for c in cfgs]
-    if len(set(seeds)) != len(seeds) or len(set(workdirs)) != len(workdirs):
-        raise RunError(f"runs trained together need distinct seeds and workdirs, got seeds {seeds}")
+        if dataclasses.replace(cfg, seed=0, copies=1) != base:
+            diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                          if k not in ("seed", "copies") and getattr(cfgs[0], k) != v)
+            raise RunError(f"runs trained together may differ only in their seed and augmentation; these differ in {diff}")
+    kinds = [(c.seed, c.copies) for c in cfgs]
+    if len(set(kinds)) != len(kinds) or len(set(workdirs)) != len(workdirs):
+        raise RunError(f"runs trained together need distinct (seed, augmentation) and workdirs, got {kinds}")
     if jax.process_count() > 1:
-        raise RunError("several seeds in one process train on one host; use fit per run with jax.distributed")
+        raise RunError("runs trained together train on one host; use fit per run with jax.distributed")
     K = _steps_per_call(steps_per_call)
     setup = RunSetup.build(cfgs[0], mesh=train.make_mesh(jax.devices()[:1]))
-    tx = optax.adam(cfgs[0].learning_rate)  # one optimizer: the members' states share its static part
+    tx = optax.adam(cfgs[0].learning_rate)  # one optimizer: the runs' states share its static part
     members = [_Member(cfg, wd, setup, tx) for cfg, wd in zip(cfgs, workdirs)]
     if len({m.stream.n for m in members}) != 1:  # the same counts: only synthetic digits could differ
         raise RunError("runs trained together need the same number of training digits")
-    state = train.stack_states([m.state0 for m in members])
-    data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[m.stream.data for m in members])
-    keys = jnp.stack([m.stream.keys for m in members])
+    state = train.stack_trees([m.state0 for m in members])
+    data = train.stack_trees([m.stream.data for m in members])
+    apart = train.stack_trees([m.stream.member() for m in members])  # keys, epoch lengths, rotation kinds
+    longest = max(m.stream.items_per_epoch for m in members)
     chunk = train.make_members_chunk(setup.model, setup.task, members[0].stream.batch_of)
-    order = [None, None]
+    orders = [None, None]  # (each run's epoch, their orders stacked)
 
     def advance(state, step, n, active):
-        epoch = members[0].stream.epoch_of(step)
-        if order[0] != epoch:
-            order[:] = epoch, jnp.stack([m.stream.epoch_order(step) for m in members])
-        return chunk(state, setup.tables, data, order[1], keys, jnp.arange(step, step + n, dtype=jnp.int32),
+        epochs = [m.stream.epoch_of(step) for m in members]
+        assert all(m.stream.epoch_of(step + n - 1) == e for m, e, a in zip(members, epochs, active) if a)  # one order per call
+        if orders[0] != epochs:
+            orders[:] = epochs, jnp.stack([jnp.pad(o, (0, longest - o.shape[0])) for o in
+                                           (m.stream.epoch_order(step) for m in members)])
+        return chunk(state, setup.tables, data, orders[1], apart, jnp.arange(step, step + n, dtype=jnp.int32),
                      jnp.asarray(active))
 
+    together = {"seeds": [c.seed for c in cfgs], "copies": [c.copies for c in cfgs]}
     for i, m in enumerate(members):
-        m.log_info(1, K, members={"seeds": seeds, "index": i})
-    name = f"{cfgs[0].model} x{len(members)} seeds"
-    _train(members, state, advance, train.member_state, K, name, progress, _kill_at_step, _term_at_step)
+        m.log_info(1, K, members={**together, "index": i})
+    _train(members, state, advance, train.member_state, K, f"{cfgs[0].model} x{len(members)}", progress,
+           _kill_at_step, _term_at_step)
     return [m.finish() for m in members]
 
 

@@ -181,29 +181,30 @@ def make_train_chunk(model: nn.Module, task: Task, batch_of: Callable, mesh: Mes
 
 
 def make_members_chunk(model: nn.Module, task: Task, batch_of: Callable) -> Callable:
-    """``chunk(states, tables, data, orders, keys, steps, active) -> (states, losses)``: ``M``
-    runs of one model and one data configuration that differ in their seeds, trained together,
+    """``chunk(states, tables, data, orders, members, steps, active) -> (states, losses)``: ``M``
+    runs of one model that differ in their seeds and augmentation levels, trained together,
     ``K = len(steps)`` steps in one compiled call: :func:`make_train_chunk`'s chunk ``vmap``-ped
-    over the members (leading axis ``M`` of ``states``, ``data``, ``orders``, ``keys``, ``active``).
+    over the runs (leading axis ``M`` of ``states``, ``data``, ``orders``, ``members``, ``active``).
 
-    ``states``: the members' :class:`TrainState` stacked leaf by leaf; ``data``: their digits
-    (``uint8 [M, n, 28, 28]``, ``int32 [M, n]``); ``orders``: ``int32 [M, n * copies]``, each
-    member's order of the epoch of ``steps``; ``keys``: ``[M, 2]`` the members' stream keys
-    (:attr:`sphere_jax.data.pipeline.DigitStream.keys`); ``steps``: ``int32 [K]``, shared;
-    ``active``: ``bool [M]``, a member with ``False`` keeps its state (a run that stopped early,
-    or one that waits for the others to reach its step). ``losses``: ``float32 [M, K]``.
-    ``batch_of(data, step, order, keys)`` is one member's batch (:meth:`DigitStream.batch_of`).
-    One device; the old states are donated; one compilation per ``K``.
+    ``states``: the runs' :class:`TrainState` stacked leaf by leaf (:func:`stack_trees`);
+    ``data``: their digits (``uint8 [M, n, 28, 28]``, ``int32 [M, n]``); ``orders``: ``int32
+    [M, items]``, each run's order of its epoch of ``steps`` (padded to the longest); ``members``:
+    the runs' :meth:`~sphere_jax.data.pipeline.DigitStream.member` stacked (keys ``[M, 2]``,
+    steps per epoch and rotation kind ``[M]``); ``steps``: ``int32 [K]``, shared; ``active``:
+    ``bool [M]``, a run with ``False`` keeps its state (it stopped early, or waits for the
+    others to reach its step). ``losses``: ``float32 [M, K]``. ``batch_of(data, step, order,
+    member)`` is one run's batch (:meth:`DigitStream.batch_of`). One device; the old states are
+    donated; one compilation per ``K``.
 
-    Each member computes what its own :func:`make_train_chunk` would, in one program whose
-    matmuls and convolutions carry the member axis: more work per kernel launch, which is what
-    small models on a GPU lack. Floats may differ from separate runs in the last bits.
+    Each run computes what its own :func:`make_train_chunk` would, in one program whose matmuls
+    and convolutions carry the run axis: more work per kernel launch, which is what small models
+    on a GPU lack. Floats may differ from separate runs in the last bits.
     """
     step_fn = _train_step(model, task)
 
-    def one(state: TrainState, tables, data, order, keys, steps, active):
+    def one(state: TrainState, tables, data, order, member, steps, active):
         def body(state, step):
-            batch = batch_of(data, step, order, keys)
+            batch = batch_of(data, step, order, member)
             new, loss = step_fn(state, tables, batch[0], targets(batch, task))
             return jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state), loss
 
@@ -212,13 +213,14 @@ def make_members_chunk(model: nn.Module, task: Task, batch_of: Callable) -> Call
     return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0, None, 0)), donate_argnums=(0,))
 
 
-def stack_states(states: list) -> TrainState:
-    """Members' :class:`TrainState`\\ s (same tree) -> one whose leaves carry a leading member axis."""
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+def stack_trees(trees: list):
+    """Trees of one structure (the runs' :class:`TrainState`\\ s, data, ...) -> one tree whose leaves
+    carry a leading run axis."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
 def member_state(states: TrainState, i: int) -> TrainState:
-    """Member ``i`` of :func:`stack_states`'s result."""
+    """Run ``i`` of :func:`stack_trees`'s result."""
     return jax.tree_util.tree_map(lambda a: a[i], states)
 
 

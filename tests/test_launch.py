@@ -690,37 +690,51 @@ def test_carry_writes_the_npz_the_runs_read(tmp_path):
     assert carry.main(["--datasets=emnist", "--no_wheel", f"--out={tmp_path}"]) == 2
 
 
-def test_group_seeds_trains_runs_that_differ_only_in_seed_together(tmp_path):
-    """``--group_seeds``: one process per group of unfinished runs that differ only in their seed;
-    each run is still done (or failed) on its own, and a finished seed leaves its group."""
+def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_process(tmp_path):
+    """``--together``: one process per group of unfinished runs that differ only in their seed and
+    augmentation level (every level with every seed); each run is still done or failed on its
+    own, and a finished run leaves its group."""
     root = str(tmp_path)
     runs = grid.expand(SMALL)
 
     class GroupFake(FakeExecutor):
         def __call__(self, unit, root, env):
-            self.calls.append(unit.index)
+            self.calls.append(sorted(r.index for r in getattr(unit, "runs", (unit,))))
             for r in getattr(unit, "runs", (unit,)):
                 fake_workdir(r.workdir(root), r.config, 0.5, r.task)
             return 0
 
-    by_seed = {}
-    for r in runs:
-        by_seed.setdefault((r.task, dataclasses.replace(r.config, seed=0)), []).append(r)
-    pairs = [g for g in by_seed.values() if len(g) == 2]
-    assert len(pairs) == 6  # the CNN block: 2 models x 3 levels, seeds 0 and 1
-    first = pairs[0]
-    fake_workdir(first[1].workdir(root), first[1].config, 0.9, first[1].task)  # seed 1 finished before
+    cnn68 = [r for r in runs if r.config.model == "cnn_cls_68k"]  # levels 1, 4, fresh x seeds 0, 1
+    assert len(cnn68) == 6
+    done_before = [r for r in cnn68 if r.config.copies == 4 and r.config.seed == 1][0]
+    fake_workdir(done_before.workdir(root), done_before.config, 0.9, done_before.task)
     ex = GroupFake()
-    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None, group_seeds=True)
-    assert len(ex.calls) == len(runs) - 1 - 5  # one call per group of two, the finished seed skipped
-    assert res.skipped == [first[1].index] and sorted(res.done) == sorted(r.index for r in runs if r is not first[1])
-    # a group's command: --seeds and a workdir pattern that gives each run its own workdir
-    group = grid.RunGroup(tuple(pairs[1]))
+    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None, together=0)
+    idx = lambda rs: sorted(r.index for r in rs)
+    # 68k: levels 1 and fresh have both seeds left (one group), level 4 only seed 0 (alone);
+    # 250k: all six together; the NR Cohen run and the two segmenters (other data) alone
+    assert sorted(ex.calls) == sorted([idx(r for r in cnn68 if r.config.copies != 4),
+                                       [r.index for r in cnn68 if r.config.copies == 4 and r.config.seed == 0],
+                                       idx(r for r in runs if r.config.model == "cnn_cls_250k"),
+                                       [runs[0].index]] + [[r.index] for r in runs if r.task == "segment"])
+    assert res.skipped == [done_before.index] and res.done == [r.index for r in runs if r is not done_before]
+    # a group's command: --seeds, --augmentations and a workdir pattern giving each run its own
+    group = grid.RunGroup(tuple(r for r in cnn68 if r.config.copies != 4))
     argv = group.argv(root, "python")
-    assert f"--seeds=0,1" in argv and not any(a.startswith("--seed=") for a in argv)
+    assert "--seeds=0,1" in argv and "--augmentations=1,fresh" in argv
+    assert not any(a.startswith(("--seed=", "--augmentation=")) for a in argv)
     pattern = [a for a in argv if a.startswith("--workdir=")][0][len("--workdir="):]
-    assert [pattern.replace("{seed}", str(r.config.seed)) for r in pairs[1]] == [r.workdir(root) for r in pairs[1]]
-    same = lambda flags: [f for f in flags if not f.startswith(("--seed", "--workdir"))]
-    assert same(argv) == same(pairs[1][0].argv(root, "python"))
-    with pytest.raises(grid.GridError, match="differ in more than their seed"):
-        grid.RunGroup((runs[0], pairs[1][0]))
+    assert sorted(pattern.replace("{aug}", r.augmentation).replace("{seed}", str(r.config.seed)) for r in group.runs) \
+        == sorted(r.workdir(root) for r in group.runs)
+    same = lambda flags: [f for f in flags if not f.startswith(("--seed", "--augmentation", "--workdir"))]
+    assert same(argv) == same(group.runs[0].argv(root, "python"))
+    # at most N runs per group: every level of a group with every seed of it
+    cnn250 = [r for r in runs if r.config.model == "cnn_cls_250k"]
+    parts = grid.group_runs(cnn250, 2)
+    assert [sorted((r.augmentation, r.config.seed) for r in u.runs) for u in parts] == [
+        [(a, 0), (a, 1)] for a in ("1", "4", "fresh")]
+    assert [len(u.runs) for u in grid.group_runs(cnn250, 5)] == [4, 2] and grid.group_runs(cnn250, 1) == cnn250
+    with pytest.raises(grid.GridError, match="differ in more than their seed and augmentation"):
+        grid.RunGroup((runs[0], cnn68[0]))
+    with pytest.raises(grid.GridError, match="not every augmentation level with every seed"):
+        grid.RunGroup(tuple(cnn68[:3]))  # level 1 seeds 0, 1 and level 4 seed 0

@@ -1,4 +1,5 @@
-"""Several seeds trained together in one program: runner.fit_members, --seeds."""
+"""Runs of several seeds and augmentation levels trained together in one program:
+runner.fit_members, --seeds, --augmentations."""
 import dataclasses
 import json
 import os
@@ -25,37 +26,43 @@ def _assert_close(a, b, rel):
         assert np.max(np.abs(x - y)) <= rel * np.max(np.abs(x)), (np.max(np.abs(x - y)), np.max(np.abs(x)))
 
 
-def test_seeds_trained_together_follow_their_separate_runs(tmp_path):
-    cfgs = [dataclasses.replace(TINY_SEG, seed=s) for s in (0, 1)]
-    alone = [runner.fit(c, str(tmp_path / f"alone{c.seed}"), progress=False) for c in cfgs]
-    # together, two steps per call: each member ends where its separate run ends (measured:
-    # parameters within 2e-6 of their largest entry; the bound leaves 50x margin)
-    wds = [str(tmp_path / f"together{c.seed}") for c in cfgs]
-    together = runner.fit_members(cfgs, wds, progress=False, steps_per_call=2)
-    for c, a, t, wd in zip(cfgs, alone, together, wds):
-        _assert_close(_leaves(tmp_path / f"alone{c.seed}", 8), _leaves(wd, 8), 1e-4)
+def test_runs_trained_together_follow_their_separate_runs(tmp_path):
+    """Two seeds, fixed copies (1 and 2) and fresh rotations in one program: their epochs end at
+    different steps (4 and 8 steps of 32 digits), and with 3 steps per call every call stops at
+    the nearest one (step 4 is no evaluation or checkpoint here). Each run ends where it ends
+    alone: parameters within 2e-6 of their largest entry (measured; the bound leaves 50x)."""
+    base = dataclasses.replace(TINY_SEG, n_train=32, eval_every=8, checkpoint_every=8)
+    # the longest epoch first: calls must stop at the others' epoch ends too
+    cfgs = [dataclasses.replace(base, seed=0, copies=2), dataclasses.replace(base, seed=0, copies=1),
+            dataclasses.replace(base, seed=1, copies=None)]
+    wds = [str(tmp_path / f"together{i}") for i in range(3)]
+    together = runner.fit_members(cfgs, wds, progress=False, steps_per_call=3)
+    alone = [str(tmp_path / f"alone{i}") for i in range(3)]
+    for i, (c, t, wd) in enumerate(zip(cfgs, together, wds)):
+        a = runner.fit(c, alone[i], progress=False)
+        _assert_close(_leaves(alone[i], 8), _leaves(wd, 8), 1e-4)
         assert t["test"]["miou"] == pytest.approx(a["test"]["miou"], abs=0.01)
         recs = _records(wd)
-        assert [r["step"] for r in recs if "holdout" in r] == [4, 8]
-        assert [r["info"]["members"] for r in recs if "info" in r] == [{"seeds": [0, 1], "index": c.seed}]
+        info = [r["info"] for r in recs if "info" in r][0]
+        assert info["steps_per_epoch"] == (8 if c.copies == 2 else 4)
+        assert info["members"] == {"seeds": [0, 0, 1], "copies": [2, 1, None], "index": i}
         assert [(r["test_rotate"], r["final_step"]) for r in recs if "test" in r] == [(True, 8), (False, 8)]
-    # the two seeds did train differently
-    assert not np.allclose(_leaves(wds[0], 8)[0], _leaves(wds[1], 8)[0])
+    assert not np.allclose(_leaves(wds[0], 8)[0], _leaves(wds[2], 8)[0])  # the runs did differ
 
-    # seed 1 alone is preempted after step 3; then both train together: seed 0 from step 0 while
-    # seed 1 waits, its state untouched, until step 3; the group is preempted after step 5 and
-    # the same call resumes it. Both end where their uninterrupted runs end.
-    wds = [str(tmp_path / f"resumed{c.seed}") for c in cfgs]
+    # the fresh run alone is preempted after step 3; then all train together: the others from
+    # step 0 while it waits, its state untouched, until step 3; the group is preempted after
+    # step 5 and the same call resumes it. All end where their uninterrupted runs end.
+    wds = [str(tmp_path / f"resumed{i}") for i in range(3)]
     with pytest.raises(runner.Preempted, match="after step 3 of 8"):
-        runner.fit(cfgs[1], wds[1], progress=False, _term_at_step=3)
+        runner.fit(cfgs[2], wds[2], progress=False, _term_at_step=3)
     with pytest.raises(runner.Preempted, match="after step 5 of 8"):
         runner.fit_members(cfgs, wds, progress=False, _term_at_step=5)
-    assert [r["preempted"]["step"] for r in _records(wds[1]) if "preempted" in r] == [3, 5]
+    assert [r["preempted"]["step"] for r in _records(wds[2]) if "preempted" in r] == [3, 5]
     assert [r["preempted"]["step"] for r in _records(wds[0]) if "preempted" in r] == [5]
     runner.fit_members(cfgs, wds, progress=False)
-    for c, wd in zip(cfgs, wds):
-        _assert_close(_leaves(tmp_path / f"alone{c.seed}", 8), _leaves(wd, 8), 1e-4)
-        assert [r["step"] for r in _records(wd) if "holdout" in r] == [4, 8]
+    for i, wd in enumerate(wds):
+        _assert_close(_leaves(alone[i], 8), _leaves(wd, 8), 1e-4)
+        assert [r["step"] for r in _records(wd) if "holdout" in r] == [8]
 
 
 def test_a_member_that_stops_early_leaves_the_others_training(tmp_path, monkeypatch):
@@ -87,16 +94,16 @@ def test_a_member_that_stops_early_leaves_the_others_training(tmp_path, monkeypa
 
 def test_members_refuse_what_cannot_train_together(tmp_path):
     a = dataclasses.replace(TINY_SEG, seed=0)
-    with pytest.raises(runner.RunError, match=r"differ only in their seed; these differ in \['learning_rate'\]"):
+    with pytest.raises(runner.RunError, match=r"differ only in their seed and augmentation; these differ in \['learning_rate'\]"):
         runner.fit_members([a, dataclasses.replace(a, seed=1, learning_rate=1e-2)], [str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(runner.RunError, match="distinct seeds"):
+    with pytest.raises(runner.RunError, match=r"distinct \(seed, augmentation\)"):
         runner.fit_members([a, a], [str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(runner.RunError, match="one workdir per config"):
         runner.fit_members([a], [str(tmp_path / "a"), str(tmp_path / "b")])
     assert not os.path.exists(tmp_path / "a")
 
 
-def test_seeds_flag_trains_each_seed_in_its_workdir(tmp_path):
+def test_seeds_and_augmentations_flags_train_each_run_in_its_workdir(tmp_path):
     base = [sys.executable, "-m", "experiments.classify", "--model=s2cnn_cls_small", "--source=synthetic", "--L=8",
             "--n_train=64", "--n_holdout=8", "--n_test=16", "--batch_size=8", "--steps=2", "--eval_every=2",
             "--checkpoint_every=2", "--compilation_cache="]
@@ -108,6 +115,11 @@ def test_seeds_flag_trains_each_seed_in_its_workdir(tmp_path):
         assert json.load(open(tmp_path / f"run-seed{s}" / "config.json"))["seed"] == s
         assert (tmp_path / f"run-seed{s}" / "summary.md").exists()
     assert r.stdout.count("accuracy:") == 2
+    # levels without a placeholder in --workdir: WORKDIR/aug<level>
+    r = subprocess.run(base + ["--train_rotation=so3", "--augmentations=2,fresh", f"--workdir={tmp_path}/levels"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.load(open(tmp_path / "levels" / f"aug{a}" / "config.json"))["copies"] for a in ("2", "fresh")] == [2, None]
     r = subprocess.run(base + ["--seeds=3,x", f"--workdir={tmp_path}/bad"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600)
     assert r.returncode == 1 and "--seeds takes comma-separated integers" in r.stderr and "Traceback" not in r.stderr

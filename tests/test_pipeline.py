@@ -80,6 +80,33 @@ def test_batch_is_order_independent(streams):
 # ------------------------------------------------------------------ augmentation
 
 
+@pytest.mark.parametrize("digits", [1, 2])
+def test_one_streams_batch_of_makes_other_streams_batches_in_a_vmap(tiny, digits):
+    """Runs trained together (runner.fit_members) make every run's batch with the first run's
+    ``batch_of`` in one vmap, given each run's data, order (padded to the longest) and
+    ``member()``: seeds, fixed copies and fresh rotations mixed, single digits and scenes."""
+    import jax
+
+    kinds = [(1, 1), (2, 4), (3, None)]  # (seed, copies)
+    streams = [DigitStream(*tiny, StreamConfig(L=L, batch_size=4, digits_per_image=digits, copies=c), seed=s)
+               for s, c in kinds]
+    assert len({st.steps_per_epoch for st in streams}) == 2  # 4 copies: a longer epoch
+    longest = max(st.items_per_epoch for st in streams)
+    data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[st.data for st in streams])
+    members = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[st.member() for st in streams])
+    together = jax.jit(jax.vmap(streams[0].batch_of, in_axes=(0, None, 0, 0)))
+    for step in (0, 1, 2, 5):  # later epochs of the short streams, and of the 4-copy one for scenes
+        orders = jnp.stack([jnp.pad(st.epoch_order(step), (0, longest - st.items_per_epoch)) for st in streams])
+        x, labels, mask = together(data, jnp.int32(step), orders, members)
+        for i, st in enumerate(streams):
+            ex, el, em = st.batch(step)
+            np.testing.assert_array_equal(labels[i], el)
+            np.testing.assert_allclose(x[i], ex, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ex))))
+            assert float(jnp.mean(mask[i] != em)) < 1e-3
+    # and the streams differ from each other (else the check above proves nothing)
+    assert not np.allclose(np.asarray(streams[0].batch(5)[0]), np.asarray(streams[2].batch(5)[0]))
+
+
 def test_fixed_copies_give_exactly_A_rotations_per_digit(tiny):
     """copies = A: an epoch visits each digit exactly A times, under A distinct rotations, and
     the next epoch reuses exactly these A rotations (in another order)."""

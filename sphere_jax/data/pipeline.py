@@ -106,8 +106,7 @@ class DigitStream:
                 f"{self.n} digits x {copies} copies cannot fill one batch of {config.batch_size} x {k} digits"
             )
         self.data = (jnp.asarray(images), jnp.asarray(labels, jnp.int32))  # the digits, on device
-        # [2] keys: the epochs' orders, the rotations; an argument of batch_of, so that streams
-        # of several seeds can make their batches in one vmapped program
+        # [2] keys: the epochs' orders, the rotations
         self.keys = jax.random.split(jax.random.key(seed))
         self._copies = copies
         self._batch = jax.jit(self.batch_of)
@@ -116,52 +115,62 @@ class DigitStream:
         )
         self._cached_order = (None, None)  # (epoch, device array): the shuffle is per epoch, not per step
 
-    def _items(self, step, order):
+    @property
+    def _by_step(self) -> bool:
+        """Rotations keyed by (step, position), not by (digit, copy): fresh rotations, or the
+        placement of canonical scenes."""
+        return self.config.copies is None or not self.config.rotate
+
+    def member(self) -> dict:
+        """What sets this stream apart from another of the same images' shape, batch, band-limit
+        and rotation (``rotate``): ``{"keys": [2] keys, "steps_per_epoch": int32, "by_step": bool}``,
+        arrays, so that :meth:`batch_of` of one stream gives any such stream's batch inside a
+        ``vmap`` over streams of other seeds and augmentation levels."""
+        return {"keys": self.keys, "steps_per_epoch": jnp.asarray(self.steps_per_epoch, jnp.int32),
+                "by_step": jnp.asarray(self._by_step)}
+
+    def _items(self, step, order, steps_per_epoch):
         cfg = self.config
         per_step = cfg.batch_size * cfg.digits_per_image
-        within = step % self.steps_per_epoch
+        within = step % steps_per_epoch
         items = jax.lax.dynamic_slice_in_dim(order, within * per_step, per_step)
         return items % self.n, items // self.n  # digit, copy
 
-    def _rotations(self, step, order, rot_key=None):
-        """Rotations ``[B, k, 3, 3]`` of the batch of ``step`` (``rot_key``: default ``keys[1]``)."""
+    def _rotations(self, step, order, member=None):
+        """Rotations ``[B, k, 3, 3]`` of the batch of ``step`` (``member``: see :meth:`batch_of`)."""
         cfg = self.config
-        rot_key = self.keys[1] if rot_key is None else rot_key
+        m = member or {"keys": self.keys, "steps_per_epoch": self.steps_per_epoch, "by_step": self._by_step}
+        rot_key = m["keys"][1]
         k = cfg.digits_per_image
         per_step = cfg.batch_size * k
         shape = (cfg.batch_size, k)
-        digit, copy = self._items(step, order)
+        digit, copy = self._items(step, order, m["steps_per_epoch"])
+        by_step = lambda n: lambda: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rot_key, step), i))(
+            jnp.arange(n))
+        by_item = lambda d, c: lambda: jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(rot_key, d), c))(d, c)
         if k > 1:  # scenes: placement keyed by the scene
-            if cfg.copies is None or not cfg.rotate:
-                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rot_key, step), i))(
-                    jnp.arange(cfg.batch_size))
-            else:
-                first = lambda a: a.reshape(shape)[:, 0]
-                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(rot_key, d), c))(
-                    first(digit), first(copy))
+            first = lambda a: a.reshape(shape)[:, 0]
+            keys = _choose(m["by_step"], by_step(cfg.batch_size), by_item(first(digit), first(copy)))
             sep = np.radians(cfg.min_separation_deg)
             return jax.vmap(lambda kk: sphere.separated_rotations(kk, k, sep))(keys)
-        if cfg.rotate:
-            if cfg.copies is None:  # fresh: key from (step, position)
-                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rot_key, step), i))(
-                    jnp.arange(per_step))
-            else:  # fixed copies: key from (digit, copy)
-                keys = jax.vmap(lambda d, c: jax.random.fold_in(jax.random.fold_in(rot_key, d), c))(digit, copy)
+        if cfg.rotate:  # fresh: keyed by (step, position); fixed copies: by (digit, copy)
+            keys = _choose(m["by_step"], by_step(per_step), by_item(digit, copy))
             return jax.vmap(rotations.random_rotations)(keys).reshape(shape + (3, 3))
         return rotations.identity_rotations(shape)
 
-    def batch_of(self, data, step, order, keys=None):
+    def batch_of(self, data, step, order, member=None):
         """Traceable form of :meth:`batch`, for a compiled loop over steps: ``data`` is
         :attr:`data` (``uint8 [n, 28, 28]``, ``int32 [n]``), ``step`` an int32 scalar and ``order``
         ``int32 [n * copies]`` the order of the step's epoch (:meth:`epoch_order`; a step of
-        another epoch gets a wrong batch, silently). ``keys``: :attr:`keys` (the default) or those
-        of a stream of the same configuration and another seed, which then gives that stream's
-        batch from its own ``data`` and ``order``. Returns ``(x float32 [B, 2L, 2L-1, 1],
-        labels int32 [B, k], mask int32 [B, 2L, 2L-1])``."""
+        another epoch gets a wrong batch, silently). ``member``: ``None`` (this stream), or
+        :meth:`member` of a stream of other seed and copies (same digit count, batch, band-limit
+        and ``rotate``), which then gives that stream's batch from its own ``data`` and ``order``
+        (an order may be longer than its stream's: the tail is never read). Returns ``(x float32
+        [B, 2L, 2L-1, 1], labels int32 [B, k], mask int32 [B, 2L, 2L-1])``."""
         cfg = self.config
         shape = (cfg.batch_size, cfg.digits_per_image)
-        digit, _ = self._items(step, order)
-        rots = self._rotations(step, order, None if keys is None else keys[1])
+        digit, _ = self._items(step, order, self.steps_per_epoch if member is None else member["steps_per_epoch"])
+        rots = self._rotations(step, order, member)
         imgs = data[0][digit].reshape(shape + (28, 28))
         labs = data[1][digit].reshape(shape)
         x, mask = sphere.spherical_batch(imgs, labs, rots, L=cfg.L, threshold=cfg.threshold,
@@ -186,6 +195,16 @@ class DigitStream:
 
     def epoch_of(self, step: int) -> int:
         return int(step) // self.steps_per_epoch
+
+
+def _choose(flag, if_true, if_false):
+    """``if_true()`` or ``if_false()`` (arrays of PRNG keys): by Python where ``flag`` is a
+    bool, else both, selected by the traced ``flag`` (streams of several kinds in one ``vmap``)."""
+    if isinstance(flag, (bool, np.bool_)):
+        return if_true() if flag else if_false()
+    a, b = if_true(), if_false()
+    data = jnp.where(flag, jax.random.key_data(a), jax.random.key_data(b))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
