@@ -107,13 +107,13 @@ def fail(msg: str):
     sys.exit(1)
 
 
-def _copies(aug: str):
+def _copies(aug: str, flag: str = "--augmentation"):
     if aug == "fresh":
         return None
     try:
         return int(aug)
     except ValueError:
-        fail(f"--augmentation must be a positive integer or 'fresh', got {aug!r}")
+        fail(f"{flag} takes positive integers or 'fresh', got {aug!r}")
 
 
 def members() -> tuple[list[runner.RunConfig], list[str]]:
@@ -123,6 +123,9 @@ def members() -> tuple[list[runner.RunConfig], list[str]]:
     import dataclasses
     import itertools
 
+    for many, one in (("seeds", "seed"), ("augmentations", "augmentation")):
+        if FLAGS[many].value and FLAGS[one].present:
+            fail(f"--{many} replaces --{one}: give one of them")
     try:
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [FLAGS.seed]
     except ValueError:
@@ -138,7 +141,7 @@ def members() -> tuple[list[runner.RunConfig], list[str]]:
     cfg = config()
     cfgs, workdirs = [], []
     for aug, seed in itertools.product(augs, seeds):
-        cfgs.append(dataclasses.replace(cfg, seed=seed, copies=_copies(aug)))
+        cfgs.append(dataclasses.replace(cfg, seed=seed, copies=_copies(aug, "--augmentations")))
         workdirs.append(wd.replace("{seed}", str(seed)).replace("{aug}", aug))
     return cfgs, workdirs
 

@@ -241,7 +241,10 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
     for unit in left if together is None else grid_lib.group_runs(left, together):
         todo.put(unit)
     jobs = jobs or max(1, min(len(devices), todo.qsize()))
-    slots = device_slots(devices, jobs)
+    if together is None or not devices:
+        slots = device_slots(devices, jobs)
+    else:  # runs trained together use one device: a worker gets one GPU, never a data-parallel set
+        slots = [devices[i % len(devices)] for i in range(jobs)]
     grouped = "" if together is None else f" in {todo.qsize()} processes"
     log(f"{len(runs)} runs: {len(res.skipped)} finished before, {len(left)} to run{grouped}, "
         f"{len(res.conflicts)} conflicts; {jobs} at a time" + (f" on GPUs {slots}" if devices else ""))
@@ -256,7 +259,8 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
             except queue.Empty:
                 return
             t0 = time.time()
-            log(f"[{run.index}] {run.name}: {run_state(run, root)}, starting" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""))
+            state = ",".join(run_state(r, root) for r in getattr(run, "runs", (run,)))  # a group: each of its runs
+            log(f"[{run.index}] {run.name}: {state}, starting" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env else ""))
             _event(root, event="start", index=run.index, name=run.name, **env)
             try:
                 rc = executor(run, root, env)

@@ -352,9 +352,10 @@ class _Progress:
             self.bar.update(n)
 
     def evaluated(self, step: int, loss: float, score_name: str, score):
-        """``score``: the hold-out score, or a list of them (one per member trained together)."""
+        """``score``: the hold-out score, or a list of them (one per run trained together, in the
+        order of the name; ``None``: not evaluated now)."""
         scores = list(score) if isinstance(score, (list, tuple)) else [score]
-        shown = "/".join(f"{v:.{3 if self.bar else 4}f}" for v in scores)
+        shown = "/".join("-" if v is None else f"{v:.{3 if self.bar else 4}f}" for v in scores)
         if self.bar:
             self.bar.set_postfix(loss=f"{loss:.3f}", holdout=shown)
         elif self.enabled:
@@ -490,9 +491,10 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
     cfg = members[0].cfg
     live = [m for m in members if not m.stopped]
     done = min((m.step for m in live), default=cfg.steps)
-    bar = _Progress(progress and _is_writer(), name, cfg.steps, done)
-    t0 = time.time()
+    bar = _Progress(progress and _is_writer(), name, cfg.steps, min(m.step for m in members))
     test_s = 0.0  # seconds spent on --test_every_eval's test passes
+    joined = {}  # member -> (time, test_s) when it first trained in this process: its clock runs from there
+    clock = lambda m: time.time() - joined[m][0] - (test_s - joined[m][1])
     pending = []  # (losses [M, n], active) of the calls since the last evaluation
     with _SigtermFlag() as preempted:
         while live and done < cfg.steps:
@@ -501,6 +503,9 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
             if any(step < m.step < step + n for m in live):
                 n = 1  # a member resumed from a later checkpoint joins at its own step
             active = [not m.stopped and m.step == step for m in members]
+            for m, a in zip(members, active):
+                if a and m not in joined:
+                    joined[m] = (time.time(), test_s)
             state, losses = advance(state, step, n, active)
             pending.append((losses, active))
             done = step + n
@@ -513,11 +518,11 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
                 scores, mean_losses = [], []
                 for i, m in enumerate(members):
                     if not active[i]:
+                        scores.append(None)
                         continue
                     own = [np.asarray(l)[i] for l, a in pending if a[i]]
                     mean_loss = float(np.mean(np.concatenate(own)))
-                    score, t = m.evaluated(done, mean_loss, get(state, i).variables, time.time() - t0 - test_s,
-                                           cfg.test_every_eval)
+                    score, t = m.evaluated(done, mean_loss, get(state, i).variables, clock(m), cfg.test_every_eval)
                     test_s += t
                     if m.improved:
                         _save(m.best, done, get(state, i))
@@ -535,15 +540,17 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
                 if kill_at is not None and done >= kill_at:
                     os.kill(os.getpid(), 9)
             live = [m for m in live if not m.stopped]
+            if not live:  # every run stopped early: finish, whatever signal came
+                break
             if term_at is not None and step < term_at <= done:
                 os.kill(os.getpid(), signal.SIGTERM)  # tests: a preemption right after this step
             if preempted.raised:
-                seconds = round(time.time() - t0 - test_s, 2)
                 for i, m in enumerate(members):
-                    if m in live:
+                    if m in live and m in joined:  # a run still waiting for the others has nothing new
                         if m.latest.latest_step() != m.step:
                             _save(m.latest, m.step, get(state, i))
-                        _append_jsonl(m.workdir, {"preempted": {"step": m.step, "seconds": round(m.train_seconds + seconds, 2)}})
+                        _append_jsonl(m.workdir, {"preempted": {"step": m.step,
+                                                                "seconds": round(m.train_seconds + clock(m), 2)}})
                 raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}; the latest checkpoint is saved "
                                 f"in {', '.join(m.workdir for m in live)}: run the same command to resume")
     bar.close()
@@ -646,6 +653,9 @@ def fit_members(cfgs: list, workdirs: list, progress: bool = True, steps_per_cal
             diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
                           if k not in ("seed", "copies") and getattr(cfgs[0], k) != v)
             raise RunError(f"runs trained together may differ only in their seed and augmentation; these differ in {diff}")
+    if not cfgs[0].train_rotate and len({c.copies for c in cfgs}) > 1:
+        raise RunError("runs trained on canonical digits (NR) have no augmentation: runs that differ only in it "
+                       "would be the same run; train several levels with rotated digits (R)")
     kinds = [(c.seed, c.copies) for c in cfgs]
     if len(set(kinds)) != len(kinds) or len(set(workdirs)) != len(workdirs):
         raise RunError(f"runs trained together need distinct (seed, augmentation) and workdirs, got {kinds}")
@@ -676,8 +686,9 @@ def fit_members(cfgs: list, workdirs: list, progress: bool = True, steps_per_cal
     together = {"seeds": [c.seed for c in cfgs], "copies": [c.copies for c in cfgs]}
     for i, m in enumerate(members):
         m.log_info(1, K, members={**together, "index": i})
-    _train(members, state, advance, train.member_state, K, f"{cfgs[0].model} x{len(members)}", progress,
-           _kill_at_step, _term_at_step)
+    labels = ", ".join(f"{'fresh' if c.copies is None else c.copies}/{c.seed}" for c in cfgs)
+    _train(members, state, advance, train.member_state, K, f"{cfgs[0].model} x{len(members)} (aug/seed {labels})",
+           progress, _kill_at_step, _term_at_step)
     return [m.finish() for m in members]
 
 

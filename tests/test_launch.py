@@ -700,6 +700,7 @@ def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_p
     class GroupFake(FakeExecutor):
         def __call__(self, unit, root, env):
             self.calls.append(sorted(r.index for r in getattr(unit, "runs", (unit,))))
+            self.envs.append(dict(env))
             for r in getattr(unit, "runs", (unit,)):
                 fake_workdir(r.workdir(root), r.config, 0.5, r.task)
             return 0
@@ -708,6 +709,8 @@ def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_p
     assert len(cnn68) == 6
     done_before = [r for r in cnn68 if r.config.copies == 4 and r.config.seed == 1][0]
     fake_workdir(done_before.workdir(root), done_before.config, 0.9, done_before.task)
+    cnn250 = [r for r in runs if r.config.model == "cnn_cls_250k"]
+    fake_workdir(cnn250[0].workdir(root), cnn250[0].config, None, "classify")  # a group's first run, started
     ex = GroupFake()
     res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None, together=0)
     idx = lambda rs: sorted(r.index for r in rs)
@@ -729,12 +732,15 @@ def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_p
     same = lambda flags: [f for f in flags if not f.startswith(("--seed", "--augmentation", "--workdir"))]
     assert same(argv) == same(group.runs[0].argv(root, "python"))
     # at most N runs per group: every level of a group with every seed of it
-    cnn250 = [r for r in runs if r.config.model == "cnn_cls_250k"]
     parts = grid.group_runs(cnn250, 2)
     assert [sorted((r.augmentation, r.config.seed) for r in u.runs) for u in parts] == [
         [(a, 0), (a, 1)] for a in ("1", "4", "fresh")]
     assert [len(u.runs) for u in grid.group_runs(cnn250, 5)] == [4, 2] and grid.group_runs(cnn250, 1) == cnn250
     with pytest.raises(grid.GridError, match="differ in more than their seed and augmentation"):
         grid.RunGroup((runs[0], cnn68[0]))
+    # on GPUs each worker gets one: runs trained together use one device
+    ex = GroupFake()
+    run_grid.execute(runs, str(tmp_path / "gpus"), ex, devices=["0", "1", "2", "3"], log=lambda s: None, together=0)
+    assert len(ex.envs) == 5 and all(e["CUDA_VISIBLE_DEVICES"] in ("0", "1", "2", "3") for e in ex.envs)  # 1 + 6 + 6 + 1 + 1 runs
     with pytest.raises(grid.GridError, match="not every augmentation level with every seed"):
         grid.RunGroup(tuple(cnn68[:3]))  # level 1 seeds 0, 1 and level 4 seed 0

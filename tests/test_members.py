@@ -52,13 +52,17 @@ def test_runs_trained_together_follow_their_separate_runs(tmp_path):
     # the fresh run alone is preempted after step 3; then all train together: the others from
     # step 0 while it waits, its state untouched, until step 3; the group is preempted after
     # step 5 and the same call resumes it. All end where their uninterrupted runs end.
+    # A preemption before it joins (step 2) leaves the waiting run's records and clock alone.
     wds = [str(tmp_path / f"resumed{i}") for i in range(3)]
     with pytest.raises(runner.Preempted, match="after step 3 of 8"):
         runner.fit(cfgs[2], wds[2], progress=False, _term_at_step=3)
+    with pytest.raises(runner.Preempted, match="after step 2 of 8"):
+        runner.fit_members(cfgs, wds, progress=False, _term_at_step=2)
+    assert [r["preempted"]["step"] for r in _records(wds[2]) if "preempted" in r] == [3]
     with pytest.raises(runner.Preempted, match="after step 5 of 8"):
         runner.fit_members(cfgs, wds, progress=False, _term_at_step=5)
     assert [r["preempted"]["step"] for r in _records(wds[2]) if "preempted" in r] == [3, 5]
-    assert [r["preempted"]["step"] for r in _records(wds[0]) if "preempted" in r] == [5]
+    assert [r["preempted"]["step"] for r in _records(wds[0]) if "preempted" in r] == [2, 5]
     runner.fit_members(cfgs, wds, progress=False)
     for i, wd in enumerate(wds):
         _assert_close(_leaves(alone[i], 8), _leaves(wd, 8), 1e-4)
@@ -90,6 +94,20 @@ def test_a_member_that_stops_early_leaves_the_others_training(tmp_path, monkeypa
     # resuming the finished group trains nothing more: seed 10 stays stopped, 20 is done
     out2 = runner.fit_members(cfgs, wds, progress=False)
     assert [(r["stopped_early"], r["final_step"]) for r in out2] == [(True, 4), (False, 8)]
+    # every run stops in the call after which a SIGTERM comes: they finish (no preemption)
+    both = [dataclasses.replace(cfg, seed=s) for s in (30, 40)]
+    worse_calls = {31: 0, 41: 0}
+
+    def worse(predict, task, variables, tables, images, labels, stream_cfg, seed):
+        m = real(predict, task, variables, tables, images, labels, stream_cfg, seed)
+        if seed in worse_calls:  # both hold-outs get worse after the first evaluation
+            worse_calls[seed] += 1
+            m["accuracy"] = 1.0 / worse_calls[seed]
+        return m
+
+    monkeypatch.setattr(runner, "evaluate_params", worse)
+    out3 = runner.fit_members(both, [str(tmp_path / f"b{c.seed}") for c in both], progress=False, _term_at_step=4)
+    assert [(r["stopped_early"], r["final_step"]) for r in out3] == [(True, 4), (True, 4)]
 
 
 def test_members_refuse_what_cannot_train_together(tmp_path):
@@ -98,6 +116,9 @@ def test_members_refuse_what_cannot_train_together(tmp_path):
         runner.fit_members([a, dataclasses.replace(a, seed=1, learning_rate=1e-2)], [str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(runner.RunError, match=r"distinct \(seed, augmentation\)"):
         runner.fit_members([a, a], [str(tmp_path / "a"), str(tmp_path / "b")])
+    nr = dataclasses.replace(a, train_rotate=False, copies=1)
+    with pytest.raises(runner.RunError, match="canonical digits"):
+        runner.fit_members([nr, dataclasses.replace(nr, copies=4)], [str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(runner.RunError, match="one workdir per config"):
         runner.fit_members([a], [str(tmp_path / "a"), str(tmp_path / "b")])
     assert not os.path.exists(tmp_path / "a")
@@ -123,3 +144,6 @@ def test_seeds_and_augmentations_flags_train_each_run_in_its_workdir(tmp_path):
     r = subprocess.run(base + ["--seeds=3,x", f"--workdir={tmp_path}/bad"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600)
     assert r.returncode == 1 and "--seeds takes comma-separated integers" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base + ["--seeds=3,4", "--seed=5", f"--workdir={tmp_path}/bad"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 1 and "--seeds replaces --seed" in r.stderr and not os.path.exists(tmp_path / "bad")
