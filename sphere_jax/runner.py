@@ -516,11 +516,12 @@ def _train(members: list, state, advance, get, K: int, name: str, progress: bool
             evaluated = []
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 scores, mean_losses = [], []
+                pending = [(np.asarray(l), a) for l, a in pending]  # to the host once
                 for i, m in enumerate(members):
                     if not active[i]:
                         scores.append(None)
                         continue
-                    own = [np.asarray(l)[i] for l, a in pending if a[i]]
+                    own = [l[i] for l, a in pending if a[i]]
                     mean_loss = float(np.mean(np.concatenate(own)))
                     score, t = m.evaluated(done, mean_loss, get(state, i).variables, clock(m), cfg.test_every_eval)
                     test_s += t
