@@ -358,7 +358,7 @@ if [ -n "$CLS_ONLY" ] && [ "$CLS_S" -gt 30 ]; then
     --jobs="$CLS_JOBS" "${group[@]}" "${common[@]}" "${CLS_SET[@]}" >> "$OUT/sweep_cls.log" 2>&1
   rc=$?
   CLS_S=$(( TRAIN_S - ($(date +%s) - T_TRAIN) ))
-  # a run that failed with K > 1 steps per call or with its seeds together (new code on this
+  # a run that failed with K > 1 steps per call or trained together with others (new code on this
   # jax) is retried alone with K = 1 in the time left; rc 124: the timeout stopped the sweep,
   # nothing failed
   if [ "$rc" != 0 ] && [ "$rc" != 124 ] && { [ "$SPHERE_JAX_STEPS_PER_CALL" != 1 ] || [ ${#group[@]} -gt 0 ]; } \

@@ -140,7 +140,7 @@ class SubprocessExecutor:
         for member in getattr(run, "runs", ())[1:]:  # a group logs to its first run's run.log
             os.makedirs(member.workdir(root), exist_ok=True)
             with open(os.path.join(member.workdir(root), "run.log"), "a") as log:
-                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} trained with seeds of run {run.index}: "
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} trained together with run {run.index}: "
                           f"see {os.path.join(wd, 'run.log')}\n")
         full_env = dict(os.environ)
         full_env.update(env)

@@ -129,18 +129,17 @@ def test_seeds_and_augmentations_flags_train_each_run_in_its_workdir(tmp_path):
             "--n_train=64", "--n_holdout=8", "--n_test=16", "--batch_size=8", "--steps=2", "--eval_every=2",
             "--checkpoint_every=2", "--compilation_cache="]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run(base + ["--seeds=3,4", f"--workdir={tmp_path}/run-seed{{seed}}"], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=600)
+    # every level with every seed; {seed} in --workdir, and no {aug}: WORKDIR/aug<level> is added
+    r = subprocess.run(base + ["--train_rotation=so3", "--seeds=3,4", "--augmentations=2,fresh",
+                               f"--workdir={tmp_path}/run-seed{{seed}}"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    for s in (3, 4):
-        assert json.load(open(tmp_path / f"run-seed{s}" / "config.json"))["seed"] == s
-        assert (tmp_path / f"run-seed{s}" / "summary.md").exists()
-    assert r.stdout.count("accuracy:") == 2
-    # levels without a placeholder in --workdir: WORKDIR/aug<level>
-    r = subprocess.run(base + ["--train_rotation=so3", "--augmentations=2,fresh", f"--workdir={tmp_path}/levels"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [json.load(open(tmp_path / "levels" / f"aug{a}" / "config.json"))["copies"] for a in ("2", "fresh")] == [2, None]
+    for a, copies in (("2", 2), ("fresh", None)):
+        for s in (3, 4):
+            wd = tmp_path / f"run-seed{s}" / f"aug{a}"
+            assert [json.load(open(wd / "config.json"))[k] for k in ("seed", "copies")] == [s, copies]
+            assert (wd / "summary.md").exists()
+    assert r.stdout.count("accuracy:") == 4
     r = subprocess.run(base + ["--seeds=3,x", f"--workdir={tmp_path}/bad"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600)
     assert r.returncode == 1 and "--seeds takes comma-separated integers" in r.stderr and "Traceback" not in r.stderr
