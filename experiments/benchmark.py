@@ -63,7 +63,8 @@ flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch
                   "report the medians and the median per-round ratio (vs_torch.md)")
 flags.DEFINE_integer("torch_rounds", 7, "--torch: alternating rounds (one training step and one inference each)")
 flags.DEFINE_list("torch_variants", [], "--torch: also time ours with sphere_jax.models.conv_cpu.FORMULATION set to "
-                  "these (e.g. conv: every layer as XLA convolutions, the formulation before the per-shape plan)")
+                  "these (e.g. conv: every layer as XLA convolutions, the formulation before the per-shape plan), "
+                  "or one_device: ours on one CPU device where a run would split the cores")
 
 
 def cases():
@@ -126,6 +127,7 @@ def torch_peer(row: dict) -> dict:
         return {**row, "torch_error": (p.stderr or p.stdout).strip()[-300:]}
     t = json.loads(p.stdout.strip().splitlines()[-1])
     out = {**row, "torch_version": t["torch"], "torch_threads": t["threads"], "torch_rounds": t["rounds"],
+           "cpu_devices": t["devices"],
            "torch_train_step_s": t["torch_train_step_s"], "torch_infer_s": t["torch_infer_s"],
            "paired_train_step_s": t["jax_train_step_s"], "paired_infer_s": t["jax_infer_s"],
            "train_vs_torch": t["jax_train_vs_torch"], "infer_vs_torch": t["jax_infer_vs_torch"]}
@@ -140,8 +142,8 @@ def _t(v: float) -> str:
 
 
 def torch_markdown(rows: list[dict], variants=()) -> str:
-    head = "| model | L | batch | PyTorch train step | ours | ratio | PyTorch inference | ours | ratio |"
-    sep = "|---|---|---|---|---|---|---|---|---|"
+    head = "| model | L | batch | ours: CPU devices | PyTorch train step | ours | ratio | PyTorch inference | ours | ratio |"
+    sep = "|---|---|---|---|---|---|---|---|---|---|"
     for v in variants:
         head += f" {v}: train ratio | {v}: inference ratio |"
         sep += "---|---|"
@@ -149,7 +151,8 @@ def torch_markdown(rows: list[dict], variants=()) -> str:
     for r in rows:
         if "torch_train_step_s" not in r:
             continue
-        line = (f"| {r['model']} | {r['L']} | {r.get('train_batch') or 32} | {_t(r['torch_train_step_s'])} | "
+        line = (f"| {r['model']} | {r['L']} | {r.get('train_batch') or 32} | {r.get('cpu_devices', 1)} | "
+                f"{_t(r['torch_train_step_s'])} | "
                 f"{_t(r['paired_train_step_s'])} | {r['train_vs_torch']} | {_t(r['torch_infer_s'])} | "
                 f"{_t(r['paired_infer_s'])} | {r['infer_vs_torch']} |")
         for v in variants:
@@ -160,7 +163,8 @@ def torch_markdown(rows: list[dict], variants=()) -> str:
         "\n\nOurs and PyTorch timed alternately in one process (batch as shown; "
         f"{', '.join(str(n) for n in sorted(rounds))} rounds of one training step and one inference each); "
         "times are medians, ratio = median over rounds of ours / PyTorch's in the same round "
-        "(below 1: ours is faster).\n")
+        "(below 1: ours is faster). Ours runs as a training run does, data-parallel over the CPU devices "
+        "shown (sphere_jax.models.registry.cpu_devices); PyTorch with one thread per core.\n")
 
 
 def layer_accounting():

@@ -24,6 +24,12 @@ def define_compilation_cache():
         f"$JAX_COMPILATION_CACHE_DIR, else {COMPILATION_CACHE_DEFAULT}); '' turns it off")
 
 
+def define_cpu_devices():
+    flags.DEFINE_integer("cpu_devices", -1, "on a CPU: JAX devices to split the cores into, the batch data-parallel "
+                         "over them (-1: one per core for the planar classifiers, which run faster so, and 1 for "
+                         "the other models, which do not; registry.cpu_devices). No effect on GPUs/TPUs")
+
+
 def use_compilation_cache():
     from sphere_jax import train
 
@@ -73,6 +79,7 @@ def define(task: str, default_model: str, models: list[str], default_L: int):
     flags.DEFINE_string("coordinator_address", None, "multi-host: jax.distributed coordinator host:port")
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
     flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+    define_cpu_devices()
     flags.DEFINE_integer("steps_per_call", None, "training steps per compiled call, batches made on device "
                          "(default: $SPHERE_JAX_STEPS_PER_CALL, else 1); the same training up to float rounding, "
                          "faster where the host's work between steps shows (see BUILD_NOTES.md); steps before an "
@@ -93,6 +100,17 @@ def config() -> runner.RunConfig:
         init_from=FLAGS.init_from, min_separation_deg=FLAGS.min_separation_deg, digit_scale=FLAGS.digit_scale,
         test_every_eval=FLAGS.test_every_eval,
     )
+
+
+def use_cpu_devices(model: str, batch_size: int, together: bool = False):
+    """Split a CPU into ``--cpu_devices`` JAX devices (auto: ``registry.cpu_devices``) before JAX
+    first uses a device. Runs trained together use one device, so they get one."""
+    from sphere_jax import train
+
+    if FLAGS.cpu_devices == 0 or FLAGS.cpu_devices < -1:
+        fail(f"--cpu_devices must be -1 (auto) or >= 1, got {FLAGS.cpu_devices}")
+    auto = 1 if together else registry.cpu_devices(model, batch_size)
+    train.split_cpu(auto if FLAGS.cpu_devices == -1 else FLAGS.cpu_devices)
 
 
 def init_distributed():
@@ -151,9 +169,11 @@ def run(task: str):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     use_compilation_cache()
+    together = bool(FLAGS.seeds or FLAGS.augmentations)
+    use_cpu_devices(registry.resolve(FLAGS.model, task), FLAGS.batch_size, together)
     init_distributed()
     try:
-        if FLAGS.seeds or FLAGS.augmentations:
+        if together:
             cfgs, workdirs = members()
             results = runner.fit_members(cfgs, workdirs, steps_per_call=FLAGS.steps_per_call)
             for wd in workdirs:

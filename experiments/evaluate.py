@@ -25,6 +25,7 @@ flags.DEFINE_string("out", "runs/evaluate", "--pretrained: folder of the predict
 flags.DEFINE_integer("rotation_sensitivity", 0, "classifiers: instead of scoring, compare the logits of the first N "
                      "test digits canonical and rotated (runner.rotation_sensitivity); 0: off")
 common.define_compilation_cache()
+common.define_cpu_devices()
 FLAGS = flags.FLAGS
 
 
@@ -50,6 +51,8 @@ def main(_):
         return rotation_sensitivity(FLAGS.rotation_sensitivity)
     try:
         if FLAGS.workdir:
+            cfg = runner.load_config(FLAGS.workdir)
+            common.use_cpu_devices(cfg.model, cfg.batch_size)
             runner.evaluate_workdir(FLAGS.workdir, test_rotate=rot, n_test=FLAGS.n_test)
             print(open(os.path.join(FLAGS.workdir, "summary.md")).read())
             return

@@ -1,13 +1,15 @@
 """PyTorch twins of the planar CNNs, a benchmark peer (optional: ``pip install -e .[torch]``).
 
     python -m experiments.torch_twin MODEL [--L=50] [--batch=32] [--repeats=3] [--check]
-    python -m experiments.torch_twin MODEL --paired [--repeats=7] [--variants=conv]
+    python -m experiments.torch_twin MODEL --paired [--repeats=7] [--variants=conv,one_device] [--cpu_devices=N]
 
 prints one JSON line: the twin's median training step (forward, cross-entropy, backward, Adam)
 and inference time on this CPU, with as many torch threads as JAX uses cores. ``--check``
 first loads the JAX model's initial parameters into the twin and compares the logits.
 ``--paired`` times ours and the twin alternately in one process and reports the median of the
-per-round ratios (:func:`paired`).
+per-round ratios (:func:`paired`). Ours runs as a training run would: data-parallel over the
+CPU devices that ``registry.cpu_devices`` gives the model (``--cpu_devices=N`` to choose N);
+``--variants=one_device`` adds ours on one device.
 ``python -m experiments.benchmark --torch`` runs this next to each CNN and prints the ratios.
 
 The segmenter is the reference's ``ConvNet_sem_seg`` (JanEGerken/sem_seg_s2cnn): VALID
@@ -193,9 +195,11 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     ``{who}_infer_s``) and, per JAX contender, the median over rounds of its time divided by
     PyTorch's in the same round (``{who}_train_vs_torch``, ``{who}_infer_vs_torch``).
 
-    ``variants``: comma-separated values of :data:`sphere_jax.models.conv_cpu.FORMULATION` to time
-    as extra JAX contenders (e.g. ``"conv"``: every layer as before the per-shape plan);
-    ours is always ``"jax"`` (the library default).
+    ``variants``: comma-separated extra JAX contenders: values of
+    :data:`sphere_jax.models.conv_cpu.FORMULATION` (e.g. ``"conv"``: every layer as before the
+    per-shape plan), or ``"one_device"`` (the library's formulation on one device, all cores used
+    within each operation). Ours is always ``"jax"`` (the library default, over every CPU device
+    of the process). Adds ``devices``: that count.
     """
     import jax
     import optax
@@ -209,19 +213,24 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     xj = np.asarray(xt.numpy().transpose(0, 2, 3, 1))
     yj = np.asarray(yt.numpy())
     for who, how in [("jax", conv_cpu.FORMULATION)] + [(f"jax_{v}", v) for v in variants.split(",") if v]:
+        # ours as a run trains: data-parallel over this process's CPU devices (main() splits the
+        # cores as the entry points do, registry.cpu_devices); "one_device": the same on one device
+        mesh = train.make_mesh(jax.devices()[:1] if how == "one_device" else jax.devices())
+        how = conv_cpu.FORMULATION if how == "one_device" else how
         old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
         jm = cnn.make_cnn(name)
-        params = jm.init(jax.random.key(0), xj[:1])["params"]
+        params = jax.tree.map(np.array, jm.init(jax.random.key(0), xj[:1])["params"])  # own buffers: the step donates
         step = train.make_train_step(jm, task)
         predict = train.make_predict(jm)
-        holder = {"s": train.TrainState.create(params, optax.adam(1e-3))}
+        holder = {"s": train.replicate(mesh, train.TrainState.create(params, optax.adam(1e-3)))}
+        xm, ym = train.shard_batch(mesh, (xj, yj))
 
-        def j_train(step=step, holder=holder):
-            holder["s"], loss = step(holder["s"], None, xj, yj)
+        def j_train(step=step, holder=holder, xm=xm, ym=ym):
+            holder["s"], loss = step(holder["s"], None, xm, ym)
             jax.block_until_ready(loss)
 
-        def j_infer(predict=predict, holder=holder):
-            jax.block_until_ready(predict(holder["s"].params, None, xj))
+        def j_infer(predict=predict, holder=holder, xm=xm):
+            jax.block_until_ready(predict(holder["s"].params, None, xm))
 
         try:
             j_train(), j_infer()  # compile now, under this formulation
@@ -244,7 +253,7 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
                 contenders[w][idx]()
                 times[w][kind].append(time.perf_counter() - t)
     out = {"model": name, "L": L, "batch": batch, "rounds": rounds, "torch": torch.__version__,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "devices": len(jax.devices())}
     for w in names:
         for kind, key in (("train", "train_step_s"), ("infer", "infer_s")):
             out[f"{w}_{key}"] = float(np.median(times[w][kind]))
@@ -260,6 +269,11 @@ def main(argv):
     if len(names) != 1:
         raise SystemExit(__doc__)
     torch.set_num_threads(int(args.get("--threads", os.cpu_count() or 1)))
+    if args.get("--paired"):  # before anything uses a device: the CPU split as a run of this model gets it
+        from sphere_jax import train
+        from sphere_jax.models import registry
+
+        train.split_cpu(int(args.get("--cpu_devices", registry.cpu_devices(names[0], int(args.get("--batch", 32))))))
     L = int(args.get("--L", 50 if names[0] in cnn.SEGMENTERS else 30))
     out = {}
     if args.get("--paired"):

@@ -299,10 +299,25 @@ def _append_jsonl(workdir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate_params(predict, task, variables, tables, images, labels, stream_cfg, seed) -> dict:
+def _predict_over(mesh, predict, variables, tables, x):
+    """``predict`` with the batch ``x [B, ...]`` split over the mesh's devices (padded to a multiple
+    of their count, the padding's outputs dropped); without a mesh, or with one device, as is."""
+    n = 1 if mesh is None or jax.process_count() > 1 else mesh.devices.size  # multi-host: every batch whole
+    if n == 1:
+        return predict(variables, tables, x)
+    B = x.shape[0]
+    pad = -B % n
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    return predict(variables, tables, train.shard_batch(mesh, x))[:B]
+
+
+def evaluate_params(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh=None) -> dict:
     """Metrics of a model's ``variables`` (or params alone) on a fixed (rotated or not) set of digits.
 
-    ``predict`` is ``train.make_predict(model)``, made once per run so it compiles once.
+    ``predict`` is ``train.make_predict(model)``, made once per run so it compiles once. With a
+    ``mesh`` of several devices (``variables`` and ``tables`` replicated over it), each batch is
+    split over them; without one, every device holding the variables computes the whole batch.
 
     classify: ``accuracy``; segment: pixel accuracy, per-class IoU, mIoU (11 and 10 classes)
     and their area-weighted variants.
@@ -310,14 +325,14 @@ def evaluate_params(predict, task, variables, tables, images, labels, stream_cfg
     if task == "classify":
         correct = total = 0
         for x, labs, _ in pipeline.eval_batches(images, labels, stream_cfg, seed):
-            pred = np.asarray(metrics.logits_to_pred(predict(variables, tables, x)))
+            pred = np.asarray(metrics.logits_to_pred(_predict_over(mesh, predict, variables, tables, x)))
             correct += int((pred == np.asarray(labs[:, 0])).sum())
             total += len(pred)
         return {"accuracy": correct / max(total, 1), "n": total}
     acc = metrics.ConfusionAccumulator(sphere.NUM_CLASSES_SEG, weights=metrics.area_weights(stream_cfg.L))
     n = 0
     for x, _, mask in pipeline.eval_batches(images, labels, stream_cfg, seed):
-        acc.update(metrics.logits_to_pred(predict(variables, tables, x)), mask)
+        acc.update(metrics.logits_to_pred(_predict_over(mesh, predict, variables, tables, x)), mask)
         n += x.shape[0]
     out = acc.result()
     out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
@@ -449,7 +464,7 @@ class _Member:
         patience count. Returns ``(score, seconds spent on the test pass of --test_every_eval)``."""
         cfg, setup = self.cfg, self.setup
         hold = evaluate_params(setup.predict, setup.task, variables, setup.tables, *self.holdout, self.hold_cfg,
-                               cfg.seed + 1)
+                               cfg.seed + 1, setup.mesh)
         score = _score(setup.task, hold)
         rec = {"step": done, "epoch": self.stream.epoch_of(done - 1), "epochs": round(done / self.stream.steps_per_epoch, 3),
                "train_loss": loss, "holdout": hold, "seconds": round(self.train_seconds + seconds, 2)}
@@ -824,7 +839,8 @@ def evaluate_variables(setup: RunSetup, variables, out_dir: str | None = None, n
     cfg = setup.cfg
     images, labels = setup.test_data()
     test_cfg = cfg.stream_config(cfg.test_rotate)
-    m = evaluate_params(setup.predict, setup.task, variables, setup.tables, images, labels, test_cfg, cfg.seed + 2)
+    m = evaluate_params(setup.predict, setup.task, variables, setup.tables, images, labels, test_cfg, cfg.seed + 2,
+                        setup.mesh)
     rec = {"test": m, "test_rotate": cfg.test_rotate}
     if setup.task == "segment" and out_dir is not None and _is_writer():
         x, _, mask = next(iter(pipeline.eval_batches(images[:4], labels[:4], test_cfg, cfg.seed + 2)))

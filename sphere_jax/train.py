@@ -100,6 +100,30 @@ def enable_compilation_cache(path: str | None) -> str | None:
     return path or None
 
 
+def split_cpu(n: int) -> int:
+    """Make the CPU backend ``n`` JAX devices, so that :func:`make_mesh` spreads a batch over a
+    CPU's cores (data parallelism) instead of running each operation on all of them.
+
+    It must run before JAX first uses a device. Returns the number of CPU devices this process
+    has or will have: ``n``; or the count already fixed, by an initialised backend or by
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` (an explicit setting wins).
+    Harmless on a machine with accelerators: the CPU devices are not the default ones there.
+    """
+    import re
+
+    from jax._src import xla_bridge
+
+    if n < 1:
+        raise ValueError(f"the CPU needs at least 1 device, got {n}")
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if xla_bridge.backends_are_initialized():
+        return len(jax.devices("cpu"))
+    if forced:
+        return int(forced.group(1))
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
 def make_mesh(devices=None) -> Mesh:
     """1-D mesh over ``devices`` (default: all devices of all processes)."""
     devices = np.asarray(jax.devices() if devices is None else devices)

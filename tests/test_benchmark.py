@@ -109,7 +109,7 @@ def test_torch_table_of_paired_rows():
     from experiments import benchmark as cli
 
     rows = [
-        {"model": "cnn_cls_68k", "L": 30, "train_batch": 32, "torch_rounds": 7, "torch_train_step_s": 0.0072,
+        {"model": "cnn_cls_68k", "L": 30, "train_batch": 32, "torch_rounds": 7, "cpu_devices": 2, "torch_train_step_s": 0.0072,
          "torch_infer_s": 0.0025, "paired_train_step_s": 0.0066, "paired_infer_s": 0.0026, "train_vs_torch": 0.93,
          "infer_vs_torch": 1.01, "conv_train_vs_torch": 1.21, "conv_infer_vs_torch": 1.44},
         {"model": "s2cnn_cls", "L": 30, "train_batch": 32},
@@ -119,8 +119,8 @@ def test_torch_table_of_paired_rows():
     ]
     md = cli.torch_markdown(rows, ["conv"]).splitlines()
     assert md[0].endswith("| conv: train ratio | conv: inference ratio |")
-    assert md[2] == "| cnn_cls_68k | 30 | 32 | 7.2 ms | 6.6 ms | 0.93 | 2.5 ms | 2.6 ms | 1.01 | 1.21 | 1.44 |"
-    assert md[3] == "| cnn_5_5m | 50 | 32 | 5.300 s | 5.900 s | 1.11 | 2.100 s | 1.600 s | 0.76 | 1.2 | 0.9 |"
+    assert md[2] == "| cnn_cls_68k | 30 | 32 | 2 | 7.2 ms | 6.6 ms | 0.93 | 2.5 ms | 2.6 ms | 1.01 | 1.21 | 1.44 |"
+    assert md[3] == "| cnn_5_5m | 50 | 32 | 1 | 5.300 s | 5.900 s | 1.11 | 2.100 s | 1.600 s | 0.76 | 1.2 | 0.9 |"
     assert len([l for l in md if l.startswith("| cnn")]) == 2 and "5, 7 rounds" in md[-1]
 
 

@@ -1,0 +1,97 @@
+"""A CPU split into several JAX devices: which models get it, the split itself, evaluation over
+it (a last batch that does not split), and the entry points' --cpu_devices."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sphere_jax.models import registry
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+
+
+def test_planar_classifiers_get_a_device_per_core_with_at_least_8_examples():
+    assert registry.cpu_devices("cnn_cls_68k", 32, cores=2) == 2
+    assert registry.cpu_devices("cnn_cls_4m", 32, cores=16) == 4  # 8 examples each at least
+    assert registry.cpu_devices("cnn_cls_250k", 48, cores=16) == 6
+    assert registry.cpu_devices("cnn_cls_1m", 7, cores=2) == 1  # 7 does not split
+    assert registry.cpu_devices("cnn_cls_1m", 24, cores=5) == 3  # the largest count <= 24 // 8 dividing 24
+    assert registry.cpu_devices("cnn_cls_1m", 8, cores=2) == 1
+    assert registry.cpu_devices("cnn_cls_68k", 32, cores=1) == 1
+    for name in ("cnn_218k", "cnn_5_5m", "s2cnn_cls", "s2cnn_cls_deep", "s2cnn_204k"):
+        assert registry.cpu_devices(name, 32, cores=2) == 1
+    with pytest.raises(ValueError, match="batch_size"):
+        registry.cpu_devices("cnn_cls_68k", 0)
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from sphere_jax import harmonics, runner, train
+    from sphere_jax.data import pipeline
+    from sphere_jax.models import registry
+
+    n = train.split_cpu(2)
+    out = {"split": n, "devices": len(jax.devices()), "again": train.split_cpu(3)}
+    if n == 2:
+        one, two = train.make_mesh(jax.devices()[:1]), train.make_mesh()
+        images, labels = pipeline.synthetic_digits(7, seed=1)
+        for name, L in (("cnn_cls_68k", 16), ("s2cnn_seg_small", 6)):
+            model, task = registry.make_model(name, L_in=L)
+            tables = harmonics.build_tables(model.table_specs())
+            x0 = np.zeros((1, 2 * L, 2 * L - 1, 1), np.float32)
+            variables = model.init(jax.random.key(0), x0, tables)
+            predict = train.make_predict(model)
+            cfg = pipeline.StreamConfig(L=L, batch_size=4, rotate=True)  # batches of 4 and 3
+            got = {}
+            for key, mesh in (("one", one), ("two", two)):
+                got[key] = runner.evaluate_params(predict, task, train.replicate(mesh, variables),
+                                                  train.replicate(mesh, tables), images, labels, cfg, 3, mesh)
+            out[name] = got
+    print(json.dumps(out))
+""")
+
+
+def _script(env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **env_extra)
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_split_cpu_and_evaluation_over_two_devices():
+    out = _script({})
+    # the split is fixed once JAX has used a device: a later request returns what there is
+    assert (out["split"], out["devices"], out["again"]) == (2, 2, 2)
+    cls, seg = out["cnn_cls_68k"], out["s2cnn_seg_small"]
+    # every digit scored once (the last batch of 3 padded to 4, the padding dropped), and the
+    # same predictions as on one device
+    assert cls["one"]["n"] == cls["two"]["n"] == 7 and seg["one"]["n"] == seg["two"]["n"] == 7
+    assert abs(cls["one"]["accuracy"] - cls["two"]["accuracy"]) < 1e-9
+    for k in ("pixel_accuracy", "miou", "miou_digits"):
+        assert abs(seg["one"][k] - seg["two"][k]) < 1e-5, k
+
+
+def test_an_explicit_xla_device_count_wins():
+    out = _script({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
+    assert (out["split"], out["devices"], out["again"]) == (3, 3, 3)
+
+
+def test_entry_point_splits_the_cpu_for_a_planar_classifier(tmp_path):
+    base = [sys.executable, "-m", "experiments.classify", "--model=cnn_cls_68k", "--source=synthetic", "--L=16",
+            "--n_train=64", "--n_holdout=8", "--n_test=8", "--batch_size=16", "--steps=2", "--eval_every=2",
+            "--checkpoint_every=2", "--compilation_cache="]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run(base + ["--cpu_devices=0"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 1 and "--cpu_devices must be -1 (auto) or >= 1, got 0" in r.stderr
+    r = subprocess.run(base + [f"--workdir={tmp_path}/auto"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = [json.loads(l) for l in open(tmp_path / "auto" / "metrics.jsonl") if '"info"' in l][0]["info"]
+    assert info["devices"] == registry.cpu_devices("cnn_cls_68k", 16)
