@@ -102,14 +102,16 @@ def config() -> runner.RunConfig:
     )
 
 
-def use_cpu_devices(model: str, batch_size: int, together: bool = False):
+def use_cpu_devices(model: str, batch_size: int, together: bool = False, steps_per_call: int = 1):
     """Split a CPU into ``--cpu_devices`` JAX devices (auto: ``registry.cpu_devices``) before JAX
-    first uses a device. Runs trained together use one device, so they get one."""
+    first uses a device. Auto gives 1 to runs trained together (they use one device) and to runs
+    of several steps per call (their program would need XLA's collectives between the CPU
+    devices, which can deadlock: ``train.make_split_train_step``)."""
     from sphere_jax import train
 
     if FLAGS.cpu_devices == 0 or FLAGS.cpu_devices < -1:
         fail(f"--cpu_devices must be -1 (auto) or >= 1, got {FLAGS.cpu_devices}")
-    auto = 1 if together else registry.cpu_devices(model, batch_size)
+    auto = 1 if together or steps_per_call > 1 else registry.cpu_devices(model, batch_size)
     train.split_cpu(auto if FLAGS.cpu_devices == -1 else FLAGS.cpu_devices)
 
 
@@ -170,7 +172,11 @@ def run(task: str):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     use_compilation_cache()
     together = bool(FLAGS.seeds or FLAGS.augmentations)
-    use_cpu_devices(registry.resolve(FLAGS.model, task), FLAGS.batch_size, together)
+    try:
+        K = runner.default_steps_per_call() if FLAGS.steps_per_call is None else FLAGS.steps_per_call
+    except runner.RunError as e:
+        fail(str(e))
+    use_cpu_devices(registry.resolve(FLAGS.model, task), FLAGS.batch_size, together, K)
     init_distributed()
     try:
         if together:

@@ -219,18 +219,23 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
         how = conv_cpu.FORMULATION if how == "one_device" else how
         old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
         jm = cnn.make_cnn(name)
-        params = jax.tree.map(np.array, jm.init(jax.random.key(0), xj[:1])["params"])  # own buffers: the step donates
-        step = train.make_train_step(jm, task)
+        params = jm.init(jax.random.key(0), xj[:1])["params"]
+        state = train.TrainState.create(jax.tree.map(np.array, params), optax.adam(1e-3))  # own buffers: donated
+        if mesh.devices.size > 1:  # as runner.fit trains on a split CPU
+            step, holder = train.make_split_train_step(jm, task, mesh), {"s": jax.device_put(state, jax.devices()[0])}
+        else:
+            step, holder = train.make_train_step(jm, task), {"s": state}
         predict = train.make_predict(jm)
-        holder = {"s": train.replicate(mesh, train.TrainState.create(params, optax.adam(1e-3)))}
         xm, ym = train.shard_batch(mesh, (xj, yj))
+        # inference on the initial parameters, placed once as an evaluation places them
+        infer_params = train.replicate(mesh, jax.tree.map(np.array, params))
 
         def j_train(step=step, holder=holder, xm=xm, ym=ym):
             holder["s"], loss = step(holder["s"], None, xm, ym)
             jax.block_until_ready(loss)
 
-        def j_infer(predict=predict, holder=holder, xm=xm):
-            jax.block_until_ready(predict(holder["s"].params, None, xm))
+        def j_infer(predict=predict, infer_params=infer_params, xm=xm):
+            jax.block_until_ready(predict(infer_params, None, xm))
 
         try:
             j_train(), j_infer()  # compile now, under this formulation

@@ -615,8 +615,16 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         raise RunError(f"--batch_size={cfg.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
     member = _Member(cfg, workdir, setup, optax.adam(cfg.learning_rate))
     stream = member.stream
-    state = train.replicate(mesh, member.state0)
-    step_fn = train.make_train_step(setup.model, task)
+    # a CPU split into devices (train.split_cpu) trains without collectives: the state on the
+    # first device, replicated only to be evaluated or saved
+    split = (n_dev > 1 and K == 1 and jax.process_count() == 1 and mesh.devices.flat[0].platform == "cpu"
+             and not member.state0.model_state)
+    if split:
+        state = jax.device_put(member.state0, mesh.devices.flat[0])
+        step_fn = train.make_split_train_step(setup.model, task, mesh)
+    else:
+        state = train.replicate(mesh, member.state0)
+        step_fn = train.make_train_step(setup.model, task)
     if K > 1:
         chunk_fn = train.make_train_chunk(setup.model, task, stream.batch_of, mesh)
         data = train.replicate(mesh, stream.data)  # the digits on every device, once
@@ -636,8 +644,9 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
             loss = loss[None]
         return state, loss[None]
 
-    member.log_info(n_dev, K)
-    _train([member], state, advance, lambda s, i: s, K, cfg.model, progress, _kill_at_step, _term_at_step)
+    member.log_info(n_dev, K, **({"data_parallel": "split"} if split else {}))
+    get = (lambda s, i: train.replicate(mesh, s)) if split else (lambda s, i: s)
+    _train([member], state, advance, get, K, cfg.model, progress, _kill_at_step, _term_at_step)
     return member.finish()
 
 

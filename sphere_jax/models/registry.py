@@ -51,25 +51,29 @@ def make_model(name: str, L_in: int, num_classes: int | None = None) -> tuple[nn
     raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
 
 
+# Models whose CPU runs train faster data-parallel over the cores split into JAX devices
+# (train.split_cpu, train.make_split_train_step) than on one device using every core inside each
+# operation. Measured 2026-11-28 on 2 cores, batch 32, L = 30, whole training runs of
+# ``experiments.classify`` (300-1,200 steps, 2 devices / 1 device): cnn_cls_250k 0.74x the time
+# (0.81x with two runs sharing the cores); cnn_cls_68k 1.20x, cnn_cls_1m 1.04x, cnn_cls_4m 1.04x
+# (slower: they keep one device). The segmenters gained nothing from an SPMD split and the S2CNNs
+# ran 1.75x slower (results/cpu_cnn/README.md).
+CPU_SPLIT = frozenset({"cnn_cls_250k"})
+
+
 def cpu_devices(name: str, batch_size: int, cores: int | None = None) -> int:
     """How many JAX devices a CPU run of model ``name`` at ``batch_size`` should split the cores
     into (data parallelism over them; see :func:`sphere_jax.train.split_cpu`).
 
-    ``name`` is a model name, not a task's alias (see :func:`resolve`). The planar classifiers get
-    one device per core (``cores``, default: the cores this process may use) with at least 8
-    examples each: the largest such count that divides ``batch_size``. Their convolutions on
-    30 x 30 .. 8 x 8 images are too small to keep XLA:CPU's threads busy within one device: on 2
-    cores, data parallelism over 2 devices trained them 4-25 % faster per batch-32 step than one
-    device using both cores (68k 0.95x, 250k 0.75-0.85x, 1M 0.92x, 4M 0.96x of the time; inference
-    0.69-0.97x). Every other model gets 1: the segmenters gained nothing (CNN-218k 0.99x, CNN-5.5M
-    1.08x) and the S2CNNs ran 1.7-1.8x slower (measured 2026-11-28, on 2 cores only, 16 examples
-    per device; ``results/cpu_cnn/README.md``).
+    ``name`` is a model name, not a task's alias (see :func:`resolve`). The models of
+    :data:`CPU_SPLIT` get one device per core (``cores``, default: the cores this process may
+    use) with at least 8 examples each: the largest such count that divides ``batch_size``.
+    Every other model gets 1. A run on a split CPU trains with
+    :func:`sphere_jax.train.make_split_train_step` (no collectives between the CPU devices).
     """
-    from sphere_jax.models import cnn
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if name not in cnn.CLASSIFIERS:
+    if name not in CPU_SPLIT:
         return 1
     cores = cores or len(os.sched_getaffinity(0))
     return max(n for n in range(1, max(1, min(cores, batch_size // 8)) + 1) if batch_size % n == 0)
