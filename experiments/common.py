@@ -104,14 +104,15 @@ def config() -> runner.RunConfig:
 
 def use_cpu_devices(model: str, batch_size: int, together: bool = False, steps_per_call: int = 1):
     """Split a CPU into ``--cpu_devices`` JAX devices (auto: ``registry.cpu_devices``) before JAX
-    first uses a device. Auto gives 1 to runs trained together (they use one device) and to runs
-    of several steps per call (their program would need XLA's collectives between the CPU
-    devices, which can deadlock: ``train.make_split_train_step``)."""
+    first uses a device. Auto gives 1 to runs trained together (they use one device), to
+    multi-host runs, and to runs of several steps per call (their program would need XLA's
+    collectives between the CPU devices, which can deadlock: ``train.make_split_train_step``)."""
     from sphere_jax import train
 
     if FLAGS.cpu_devices == 0 or FLAGS.cpu_devices < -1:
         fail(f"--cpu_devices must be -1 (auto) or >= 1, got {FLAGS.cpu_devices}")
-    auto = 1 if together or steps_per_call > 1 else registry.cpu_devices(model, batch_size)
+    multi_host = "coordinator_address" in FLAGS and FLAGS.coordinator_address
+    auto = 1 if together or steps_per_call > 1 or multi_host else registry.cpu_devices(model, batch_size)
     train.split_cpu(auto if FLAGS.cpu_devices == -1 else FLAGS.cpu_devices)
 
 

@@ -76,8 +76,8 @@ def test_a_member_that_stops_early_leaves_the_others_training(tmp_path, monkeypa
     real = runner.evaluate_params
     calls = {11: 0, 21: 0}
 
-    def scripted(predict, task, variables, tables, images, labels, stream_cfg, seed):
-        m = real(predict, task, variables, tables, images, labels, stream_cfg, seed)
+    def scripted(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh=None):
+        m = real(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh)
         if seed in calls:  # the members' hold-outs (seed + 1): 10's gets worse, 20's better
             calls[seed] += 1
             m["accuracy"] = 1.0 / calls[seed] if seed == 11 else calls[seed] / 10
@@ -98,8 +98,8 @@ def test_a_member_that_stops_early_leaves_the_others_training(tmp_path, monkeypa
     both = [dataclasses.replace(cfg, seed=s) for s in (30, 40)]
     worse_calls = {31: 0, 41: 0}
 
-    def worse(predict, task, variables, tables, images, labels, stream_cfg, seed):
-        m = real(predict, task, variables, tables, images, labels, stream_cfg, seed)
+    def worse(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh=None):
+        m = real(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh)
         if seed in worse_calls:  # both hold-outs get worse after the first evaluation
             worse_calls[seed] += 1
             m["accuracy"] = 1.0 / worse_calls[seed]
