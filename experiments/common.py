@@ -26,8 +26,9 @@ def define_compilation_cache():
 
 def define_cpu_devices():
     flags.DEFINE_integer("cpu_devices", -1, "on a CPU: JAX devices to split the cores into, the batch data-parallel "
-                         "over them (-1: one per core for the planar classifiers, which run faster so, and 1 for "
-                         "the other models, which do not; registry.cpu_devices). No effect on GPUs/TPUs")
+                         "over them at one step per call (-1: registry.cpu_devices, one per core with >= 8 examples "
+                         "each for the models measured to train faster so, registry.CPU_SPLIT, else 1). No effect "
+                         "on GPUs/TPUs")
 
 
 def use_compilation_cache():
@@ -111,6 +112,9 @@ def use_cpu_devices(model: str, batch_size: int, together: bool = False, steps_p
 
     if FLAGS.cpu_devices == 0 or FLAGS.cpu_devices < -1:
         fail(f"--cpu_devices must be -1 (auto) or >= 1, got {FLAGS.cpu_devices}")
+    if FLAGS.cpu_devices > 1 and steps_per_call > 1:
+        fail(f"--cpu_devices={FLAGS.cpu_devices} trains one step per call (several would need XLA's all-reduce "
+             f"between the CPU devices, which can deadlock); drop --steps_per_call={steps_per_call} or use one device")
     multi_host = "coordinator_address" in FLAGS and FLAGS.coordinator_address
     auto = 1 if together or steps_per_call > 1 or multi_host else registry.cpu_devices(model, batch_size)
     train.split_cpu(auto if FLAGS.cpu_devices == -1 else FLAGS.cpu_devices)

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -301,7 +302,10 @@ def _append_jsonl(workdir, record):
 
 def _predict_over(mesh, predict, variables, tables, x):
     """``predict`` with the batch ``x [B, ...]`` split over the mesh's devices (padded to a multiple
-    of their count, the padding's outputs dropped); without a mesh, or with one device, as is."""
+    of their count), the logits gathered to the host (numpy) and the padding's dropped; without a
+    mesh, or with one device, as is. Gathering on the host keeps XLA collectives out of the
+    metrics (a sliced or reduced sharded array would need them; on a split CPU they can deadlock,
+    :func:`sphere_jax.train.make_split_train_step`)."""
     n = 1 if mesh is None or jax.process_count() > 1 else mesh.devices.size  # multi-host: every batch whole
     if n == 1:
         return predict(variables, tables, x)
@@ -309,7 +313,7 @@ def _predict_over(mesh, predict, variables, tables, x):
     pad = -B % n
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-    return predict(variables, tables, train.shard_batch(mesh, x))[:B]
+    return np.asarray(predict(variables, tables, train.shard_batch(mesh, x)))[:B]
 
 
 def evaluate_params(predict, task, variables, tables, images, labels, stream_cfg, seed, mesh=None) -> dict:
@@ -623,6 +627,9 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         state = jax.device_put(member.state0, mesh.devices.flat[0])
         step_fn = train.make_split_train_step(setup.model, task, mesh)
     else:
+        if n_dev > 1 and mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
+            warnings.warn(f"training over {n_dev} CPU devices with XLA's all-reduce ({'several steps per call' if K > 1 else 'a model with state'}): "
+                          "it deadlocked in long runs (jaxlib 0.10.2); prefer --steps_per_call=1 or one CPU device")
         state = train.replicate(mesh, member.state0)
         step_fn = train.make_train_step(setup.model, task)
     if K > 1:
@@ -645,6 +652,7 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         return state, loss[None]
 
     member.log_info(n_dev, K, **({"data_parallel": "split"} if split else {}))
+    member.state0 = None  # its buffers may be the first step's (donated): training owns the state now
     get = (lambda s, i: train.replicate(mesh, s)) if split else (lambda s, i: s)
     _train([member], state, advance, get, K, cfg.model, progress, _kill_at_step, _term_at_step)
     return member.finish()

@@ -96,6 +96,10 @@ def test_entry_point_splits_the_cpu_for_the_models_that_gain(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     info = [json.loads(l) for l in open(tmp_path / "auto" / "metrics.jsonl") if '"info"' in l][0]["info"]
     assert info["devices"] == registry.cpu_devices("cnn_cls_250k", 16, cores=len(os.sched_getaffinity(0)))
+    assert info.get("data_parallel") == ("split" if info["devices"] > 1 else None)
+    r = subprocess.run(base + ["--cpu_devices=2", "--steps_per_call=2"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=600)
+    assert r.returncode == 1 and "--cpu_devices=2 trains one step per call" in r.stderr
     # several steps per call: one device (a program over several would need collectives)
     r = subprocess.run(base + [f"--workdir={tmp_path}/k2", "--steps_per_call=2"], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=600)
@@ -106,7 +110,8 @@ def test_entry_point_splits_the_cpu_for_the_models_that_gain(tmp_path):
 
 def test_runs_on_a_split_cpu_train_without_collectives_and_resume(tmp_path):
     """K = 1 on two CPU devices trains with train.make_split_train_step: the trajectory of one
-    device (float round-off apart), and a kill-and-resume ends where the uninterrupted run ends."""
+    device (float round-off apart); a kill and a SIGTERM, each resumed, end where the
+    uninterrupted run ends."""
     import numpy as np
 
     import test_runner as tr
@@ -118,6 +123,10 @@ def test_runs_on_a_split_cpu_train_without_collectives_and_resume(tmp_path):
     assert r1.returncode == 0 and r2.returncode == 0 and r3.returncode == -9, (r1.stderr[-1500:], r2.stderr[-1500:])
     r3 = tr._run(tmp_path / "killed", cfg, devices=2)
     assert r3.returncode == 0, r3.stderr[-1500:]
+    r4 = tr._run(tmp_path / "termed", cfg, devices=2, term=5)  # a preemption between checkpoints
+    assert r4.returncode == 143 and "stopped by SIGTERM after step 5 of 8" in r4.stdout, r4.stderr[-1500:]
+    r4 = tr._run(tmp_path / "termed", cfg, devices=2)
+    assert r4.returncode == 0, r4.stderr[-1500:]
     info = [r["info"] for r in tr._records(tmp_path / "two") if "info" in r][0]
     assert info["devices"] == 2 and info["data_parallel"] == "split"
     assert "data_parallel" not in [r["info"] for r in tr._records(tmp_path / "one") if "info" in r][0]
@@ -127,4 +136,5 @@ def test_runs_on_a_split_cpu_train_without_collectives_and_resume(tmp_path):
     np.testing.assert_allclose(l1, l2, rtol=1e-4)
     two = tr._params(tmp_path / "two", 8)
     np.testing.assert_allclose(tr._params(tmp_path / "one", 8), two, atol=1e-4)
-    assert np.array_equal(tr._params(tmp_path / "killed", 8), two)  # the same program: bitwise
+    for resumed in ("killed", "termed"):  # the same programs: bitwise
+        assert np.array_equal(tr._params(tmp_path / resumed, 8), two), resumed

@@ -75,5 +75,5 @@ def cpu_devices(name: str, batch_size: int, cores: int | None = None) -> int:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if name not in CPU_SPLIT:
         return 1
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return max(n for n in range(1, max(1, min(cores, batch_size // 8)) + 1) if batch_size % n == 0)
