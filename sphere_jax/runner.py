@@ -628,8 +628,9 @@ def fit(cfg: RunConfig, workdir: str, progress: bool = True, steps_per_call: int
         step_fn = train.make_split_train_step(setup.model, task, mesh)
     else:
         if n_dev > 1 and mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
-            warnings.warn(f"training over {n_dev} CPU devices with XLA's all-reduce ({'several steps per call' if K > 1 else 'a model with state'}): "
-                          "it deadlocked in long runs (jaxlib 0.10.2); prefer --steps_per_call=1 or one CPU device")
+            why = "several steps per call" if K > 1 else "a model with state"
+            warnings.warn(f"training over {n_dev} CPU devices with XLA's all-reduce ({why}): it deadlocked in "
+                          "long runs (jaxlib 0.10.2); prefer --steps_per_call=1 or one CPU device")
         state = train.replicate(mesh, member.state0)
         step_fn = train.make_train_step(setup.model, task)
     if K > 1:
