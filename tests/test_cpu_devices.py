@@ -52,6 +52,12 @@ _SCRIPT = textwrap.dedent("""
             for key, mesh in (("one", one), ("two", two)):
                 got[key] = runner.evaluate_params(predict, task, train.replicate(mesh, variables),
                                                   train.replicate(mesh, tables), images, labels, cfg, 3, mesh)
+            # the logits themselves, for a batch of 3 padded to 4 over the two devices
+            x = next(pipeline.eval_batches(images[4:], labels[4:], cfg, 3))[0]
+            ref = np.asarray(predict(variables, tables, x))
+            split = runner._predict_over(two, predict, train.replicate(two, variables), train.replicate(two, tables), x)
+            got["logits_shapes"] = [list(ref.shape), list(split.shape)]
+            got["logits_err"] = float(np.abs(split - ref).max() / np.abs(ref).max())
             out[name] = got
     print(json.dumps(out))
 """)
@@ -74,6 +80,9 @@ def test_split_cpu_and_evaluation_over_two_devices():
     # same predictions as on one device
     assert cls["one"]["n"] == cls["two"]["n"] == 7 and seg["one"]["n"] == seg["two"]["n"] == 7
     assert abs(cls["one"]["accuracy"] - cls["two"]["accuracy"]) < 1e-9
+    for got in (cls, seg):
+        assert got["logits_shapes"][0] == got["logits_shapes"][1] and got["logits_shapes"][0][0] == 3
+        assert got["logits_err"] < 1e-5
     for k in ("pixel_accuracy", "miou", "miou_digits"):
         assert abs(seg["one"][k] - seg["two"][k]) < 1e-5, k
 
