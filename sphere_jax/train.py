@@ -190,7 +190,7 @@ def make_split_train_step(model: nn.Module, task: Task, mesh: Mesh) -> Callable:
     timeout aborted the process) in 4 of 10 runs of 600 steps of :func:`make_train_step` over two
     CPU devices (jaxlib 0.10.2). Here one program computes each device's loss and gradients on
     its part of the batch (``shard_map``, nothing exchanged), the gradients move to the mesh's
-    first device (through the host: a copy, not a collective), and a second program there
+    first device (device-to-device copies, not a collective), and a second program there
     averages them and applies the optimizer: the same update as the full batch's (equal parts,
     and the losses are unweighted means), up to float round-off.
 
@@ -209,7 +209,9 @@ def make_split_train_step(model: nn.Module, task: Task, mesh: Mesh) -> Callable:
     parts = jax.jit(jax.shard_map(part, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
                                   out_specs=(P("data"), P("data")), check_vma=False))
 
-    def apply(state: TrainState, losses, grads):
+    def apply(state: TrainState, losses, grads):  # losses, grads: each leaf a list of the devices' pieces
+        losses, grads = jax.tree_util.tree_map(lambda pieces: jnp.concatenate(pieces), (losses, grads),
+                                               is_leaf=lambda v: isinstance(v, list))
         grads = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -221,7 +223,12 @@ def make_split_train_step(model: nn.Module, task: Task, mesh: Mesh) -> Callable:
         if state.model_state:
             raise ValueError(f"make_split_train_step cannot train a model with state {sorted(state.model_state)}")
         losses, grads = parts(jax.device_put(state.params, everywhere), tables, x, y)
-        return apply(state, *jax.device_put((losses, grads), first))
+        # each device's piece copied to the first device as it is (asynchronous, device to device);
+        # a device_put of the sharded array would assemble it on the host and wait for it
+        pieces = jax.tree_util.tree_map(
+            lambda a: [jax.device_put(sh.data, first) for sh in sorted(a.addressable_shards, key=lambda sh: sh.index[0].start or 0)],
+            (losses, grads))
+        return apply(state, *pieces)
 
     return step
 
