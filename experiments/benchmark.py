@@ -10,6 +10,10 @@ compiled alone (forward + backward at --train_batch) with its cost analysis, the
 layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.md.
 --layouts=MODEL,...: each S2CNN under both SO(3) layouts in one process, timed alternately
 (DIR/layouts.json: times, paired ratio, XLA temporaries, tables, output difference).
+--variants=MODEL,... with --env_variants=NAME:VAR=VAL+VAR=VAL,...: each model under each setting of
+environment variables in one process, timed alternately against the first (DIR/variants.json and
+DIR/variants.md: times, paired ratios, cost analysis, XLA temporaries, output difference); e.g.
+SPHERE_JAX_BOUNDARY=xla against pallas, SPHERE_JAX_GRID_DTYPE=float32 against bfloat16.
 --profile=MODEL,...: trace a few training steps of each model and attribute the traced time to
 layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling).
 Every model is measured in its own subprocess (peak RSS).
@@ -57,7 +61,11 @@ flags.DEFINE_integer("profile_steps", 3, "--profile: traced steps (after 2 + thi
                      "the wall time per step)")
 flags.DEFINE_bool("profile_keep_trace", False, "--profile: also keep each trace in DIR, gzipped "
                   "(profile_MODEL_L.._b...xplane.pb.gz; read it with jax.profiler.ProfileData)")
-flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts: time the training step or inference")
+flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts, --variants: time the training step or inference")
+flags.DEFINE_list("variants", None, "instead of whole models: these models under each of --env_variants in one "
+                  "process, timed alternately (--layouts_what, --train_batch, --repeats rounds); writes variants.json/.md")
+flags.DEFINE_list("env_variants", ["xla:SPHERE_JAX_BOUNDARY=xla", "pallas:SPHERE_JAX_BOUNDARY=pallas"],
+                  "--variants: NAME:VAR=VAL+VAR=VAL per variant; the first is the reference")
 flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
                   "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
                   "report the medians and the median per-round ratio (vs_torch.md)")
@@ -196,6 +204,58 @@ def layout_comparison():
     print(f"wrote {FLAGS.out}/layouts.json")
 
 
+def parse_env_variants(items) -> dict:
+    """``["name:VAR=VAL+VAR=VAL", ...]`` -> ``{name: {VAR: VAL}}``, with errors that name the bad item."""
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not name or name in out:
+            raise ValueError(f"--env_variants item {item!r}: need a new NAME:VAR=VAL[+VAR=VAL]")
+        env = {}
+        for kv in filter(None, rest.split("+")):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.isidentifier():
+                raise ValueError(f"--env_variants item {item!r}: {kv!r} is not VAR=VAL")
+            env[k] = v
+        out[name] = env
+    if len(out) < 2:
+        raise ValueError(f"--env_variants needs at least two variants, got {items}")
+    return out
+
+
+def variants_markdown(row: dict) -> str:
+    if "variants" not in row:
+        return f"{row.get('model')}: {row.get('error')}\n"
+    lines = [f"### {row['model']}, L={row['L']}, batch {row['batch']}, {row['what']}, {row['rounds']} rounds, {row['device']}",
+             "", "| variant | settings | s | ratio to first | GFLOP | GB | temp MB | compile s | max rel diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in row["variants"].items():
+        env = " ".join(f"{k}={val}" for k, val in v["env"].items())
+        if "error" in v:
+            lines.append(f"| {name} | {env} | error: {v['error'][:120]} | | | | | | |")
+            continue
+        lines.append(f"| {name} | {env} | {v['s']} | {v.get('ratio')} | {v['gflop']} | {v['gb']} | {v['temp_mb']} | "
+                     f"{v['compile_s']} | {v.get('max_rel_diff', 0):.2e} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def variant_comparison():
+    variants = parse_env_variants(FLAGS.env_variants)
+    rows, text = [], ""
+    for name in FLAGS.variants:
+        batch = FLAGS.train_batch if FLAGS.layouts_what == "train" else int((FLAGS.infer_batches or [1])[0])
+        case = {"variants_model": name, "L": FLAGS.L or benchmark.study_L(name, FLAGS.reduced), "batch": batch or 1,
+                "rounds": FLAGS.repeats, "what": FLAGS.layouts_what, "variants": variants}
+        rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+        print(json.dumps(rows[-1]), flush=True)
+        text += variants_markdown(rows[-1])
+    with open(os.path.join(FLAGS.out, "variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(FLAGS.out, "variants.md"), "w") as f:
+        f.write(text)
+    print(text + f"wrote {FLAGS.out}/variants.json, variants.md")
+
+
 def step_profiles():
     from sphere_jax import profiling
 
@@ -229,6 +289,9 @@ def main(_):
     if FLAGS.layers:
         os.makedirs(FLAGS.out, exist_ok=True)
         return layer_accounting()
+    if FLAGS.variants:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return variant_comparison()
     if FLAGS.layouts:
         os.makedirs(FLAGS.out, exist_ok=True)
         return layout_comparison()

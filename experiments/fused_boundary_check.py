@@ -1,4 +1,4 @@
-"""Can one Pallas kernel beat XLA at an S2CNN layer boundary? A timing check, not a model path.
+"""Can one Pallas kernel beat XLA at an S2CNN layer boundary? A timing check of `sphere_jax.boundary`.
 
     python -m experiments.fused_boundary_check [--R=84 --K=83 --R2=70 --Z=2677248] [--repeats=10]
     python -m experiments.fused_boundary_check --interpret --Z=4000     # CPU: values and gradients only
@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from sphere_jax.benchmark import _median_time
+from sphere_jax.boundary import fused_boundary, reference
 
 FLAGS = flags.FLAGS
 
@@ -39,131 +40,10 @@ def _define_flags():  # only when run as a program: the tests import this module
     flags.DEFINE_integer("Z", 83 * 32 * 12 * 84, "columns: alpha x batch x channels x beta")
     flags.DEFINE_integer("block", 64, "columns per program (a power of 2: a [128, block] float32 tile per matmul)")
     flags.DEFINE_integer("repeats", 10, "timed calls after warm-up (median)")
-    flags.DEFINE_list("precisions", ["highest", "default"], "dot precisions to try (default: TF32 on a GPU)")
+    flags.DEFINE_list("precisions", ["default", "tf32x3"], "dot precisions to try (default: TF32 on a GPU; "
+                      "highest: IEEE float32 dots, which may take minutes to compile)")
+    flags.DEFINE_integer("hang_s", 0, "if > 0, print every thread's Python stack after this many seconds (a hang's trace)")
     flags.DEFINE_bool("interpret", False, "run the kernel in Pallas's interpreter (CPU check)")
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
-def fused_boundary(mi, mf, h, bias, block: int = 256, precision: str = "highest", interpret: bool = False):
-    """``M_f relu(M_i h + bias)`` for ``mi [K, R]``, ``mf [R2, K]``, ``h [R, Z]``, ``bias [Z]`` ->
-    ``[R2, Z]``, as one Pallas kernel over blocks of ``block`` columns; differentiable in ``h``
-    and ``bias`` (``mi`` and ``mf`` are constants: their cotangents are zero)."""
-    return _fused(mi, mf, h, bias, block, precision, interpret)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltriton
-
-    prec = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
-
-    def masks(j, rows, Z, B):
-        cols = (j * B + jnp.arange(B)) < Z
-        return cols, (jnp.arange(rows[0]) < rows[1])[:, None] & cols[None, :]
-
-    def fwd(mi_ref, mf_ref, h_ref, b_ref, o_ref, *, R, R2, Z, B, p):
-        j = pl.program_id(0)
-        cols, hm = masks(j, (h_ref.shape[0], R), Z, B)
-        _, om = masks(j, (o_ref.shape[0], R2), Z, B)
-        h = pltriton.load(h_ref, mask=hm, other=0.0)
-        b = pltriton.load(b_ref, mask=cols, other=0.0)
-        a = pltriton.dot(mi_ref[...], h, precision=prec[p]) + b[None, :]
-        pltriton.store(o_ref, pltriton.dot(mf_ref[...], jnp.maximum(a, 0.0), precision=prec[p]), mask=om)
-
-    def bwd(mi_ref, mf_ref, h_ref, b_ref, g_ref, dh_ref, db_ref, *, R, R2, Z, B, p):
-        j = pl.program_id(0)
-        cols, hm = masks(j, (h_ref.shape[0], R), Z, B)
-        _, gm = masks(j, (g_ref.shape[0], R2), Z, B)
-        mi = mi_ref[...]
-        h = pltriton.load(h_ref, mask=hm, other=0.0)
-        b = pltriton.load(b_ref, mask=cols, other=0.0)
-        g = pltriton.load(g_ref, mask=gm, other=0.0)
-        a = pltriton.dot(mi, h, precision=prec[p]) + b[None, :]
-        da = jnp.where(a > 0, pltriton.dot(mf_ref[...], g, trans_a=True, precision=prec[p]), 0.0)
-        pltriton.store(dh_ref, pltriton.dot(mi, da, trans_a=True, precision=prec[p]), mask=hm)
-        pltriton.store(db_ref, jnp.sum(da, axis=0), mask=cols)
-
-    return pl, pltriton, fwd, bwd
-
-
-def _padded(mi, mf):
-    import jax.numpy as jnp
-
-    (K, R), R2 = mi.shape, mf.shape[0]
-    KP, RP, R2P = _pow2(K), _pow2(R), _pow2(R2)
-    return (jnp.zeros((KP, RP), mi.dtype).at[:K, :R].set(mi), jnp.zeros((R2P, KP), mf.dtype).at[:R2, :K].set(mf),
-            KP, RP, R2P)
-
-
-def _call(kernel, mi, mf, args, out_shape, row_blocks, block, interpret):
-    """One pallas_call over ``ceil(Z / block)`` programs: ``mi``, ``mf`` whole (padded), then
-    ``args`` as ``[rows, block]`` column blocks (``rows`` from ``row_blocks``; 0: a ``[block]``
-    vector)."""
-    pl, pltriton, _, _ = _kernels()
-    Z = args[0].shape[-1]
-    whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0, 0))  # noqa: E731
-    spec = lambda rows: (pl.BlockSpec((block,), lambda j: (j,)) if rows == 0  # noqa: E731
-                         else pl.BlockSpec((rows, block), lambda j: (0, j)))
-    ins, outs = row_blocks
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(pl.cdiv(Z, block),),
-        in_specs=[whole(mi), whole(mf)] + [spec(r) for r in ins],
-        out_specs=tuple(spec(r) for r in outs) if isinstance(out_shape, tuple) else spec(outs[0]),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
-    )(mi, mf, *args)
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_fn(block: int, precision: str, interpret: bool):
-    import jax
-
-    _, _, fwd_k, bwd_k = _kernels()
-
-    @jax.custom_vjp
-    def f(mi, mf, h, bias):
-        mip, mfp, _, RP, R2P = _padded(mi, mf)
-        R2, Z = mf.shape[0], h.shape[1]
-        k = functools.partial(fwd_k, R=h.shape[0], R2=R2, Z=Z, B=block, p=precision)
-        return _call(k, mip, mfp, (h, bias), jax.ShapeDtypeStruct((R2, Z), h.dtype), ((RP, 0), (R2P,)), block, interpret)
-
-    def f_fwd(mi, mf, h, bias):
-        return f(mi, mf, h, bias), (mi, mf, h, bias)
-
-    def f_bwd(res, g):
-        import jax.numpy as jnp
-
-        mi, mf, h, bias = res
-        mip, mfp, _, RP, R2P = _padded(mi, mf)
-        k = functools.partial(bwd_k, R=h.shape[0], R2=mf.shape[0], Z=h.shape[1], B=block, p=precision)
-        out = (jax.ShapeDtypeStruct(h.shape, h.dtype), jax.ShapeDtypeStruct(bias.shape, bias.dtype))
-        dh, db = _call(k, mip, mfp, (h, bias, g), out, ((RP, 0, R2P), (RP, 0)), block, interpret)
-        return jnp.zeros_like(mi), jnp.zeros_like(mf), dh, db
-
-    f.defvjp(f_fwd, f_bwd)
-    return f
-
-
-def _fused(mi, mf, h, bias, block, precision, interpret):
-    if precision not in ("highest", "default"):
-        raise ValueError(f"precision must be 'highest' or 'default', got {precision!r}")
-    if h.ndim != 2 or mi.shape[1] != h.shape[0] or mf.shape[1] != mi.shape[0] or bias.shape != (h.shape[1],):
-        raise ValueError(f"need mi [K, R], mf [R2, K], h [R, Z], bias [Z]; got {mi.shape}, {mf.shape}, {h.shape}, {bias.shape}")
-    return _fused_fn(int(block), precision, bool(interpret))(mi, mf, h, bias)
-
-
-def reference(mi, mf, h, bias, precision: str = "highest"):
-    """What XLA computes today: two matmuls with the bias and ReLU between them."""
-    import jax
-    import jax.numpy as jnp
-
-    p = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
-    return jnp.matmul(mf, jax.nn.relu(jnp.matmul(mi, h, precision=p) + bias[None, :]), precision=p)
 
 
 def check(R, K, R2, Z, block, precision, repeats, interpret) -> dict:
@@ -203,6 +83,11 @@ def check(R, K, R2, Z, block, precision, repeats, interpret) -> dict:
 
 
 def main(_):
+    if FLAGS.hang_s > 0:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(FLAGS.hang_s, exit=False, file=sys.stderr)
     for p in FLAGS.precisions:
         print(json.dumps(check(FLAGS.R, FLAGS.K, FLAGS.R2, FLAGS.Z, FLAGS.block, p,
                                0 if FLAGS.interpret else FLAGS.repeats, FLAGS.interpret)), flush=True)

@@ -28,7 +28,8 @@
 # gamma-first training step alone compiles in 43 s). results/gpu/README.md has the commands.
 # Env: STAGES ("bench train"; "transforms" adds experiments.benchmark --transforms_L; "profile" adds a
 # traced training step per PROFILE_MODELS, time per layer and operation, in profile.tgz; "fused" adds
-# experiments.fused_boundary_check (a Pallas layer-boundary kernel against XLA); "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
+# experiments.fused_boundary_check (a Pallas layer-boundary kernel against XLA); "variants" adds the 204k's step
+# under VARIANT_ENVS (XLA against the Pallas boundary and bfloat16 grids, one process); "share" adds launch.share_check: 1 vs 4 processes vs 4 vmapped copies
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
@@ -284,21 +285,64 @@ fi
 
 # 1d. (STAGES with "fused") issue 10: can one Pallas kernel beat XLA at a layer boundary (the
 # inverse transform's last matmul, bias, ReLU and the next layer's first matmul, the grid kept on
-# chip)? experiments.fused_boundary_check at the 204k's first SO(3) boundary, batch 32, at
-# HIGHEST and DEFAULT (TF32) precision, FUSED_BLOCKS columns per program (default "64 128"):
-# rows "fused-boundary" in benchmark.jsonl. Up to 5 minutes (150 s per block); on 2026-11-28 both
-# blocks timed out on an H200 (the cause was not kept then; now env.txt gets each run's tail).
+# chip; sphere_jax.boundary)? experiments.fused_boundary_check at the 204k's first SO(3) boundary,
+# batch 32, at DEFAULT (TF32) and TF32x3 precision, FUSED_BLOCKS columns per program (default
+# "64 128 256"): rows "fused-boundary" in benchmark.jsonl. At most FUSED_TIMEOUT s per block (default
+# 80). On 2026-11-28 both blocks timed out at 200 s on an H200 with HIGHEST (IEEE float32 dots,
+# no tensor cores) tried first, which Triton unrolls into a very long kernel: left out now; a run
+# that still hangs prints every thread's Python stack after FUSED_TIMEOUT - 20 s into env.txt.
 if stage fused; then
   fused_args=(--repeats=10); [ -n "${SMOKE:-}" ] && fused_args=(--interpret --Z=3000)
-  for blk in ${FUSED_BLOCKS:-64 128}; do  # columns per program: register pressure against parallelism
-    # keep the JSON rows, and every run's last lines in env.txt (both runs of 2026-11-28 timed out
-    # at 200 s with nothing kept)
-    timeout 150 $PY -m experiments.fused_boundary_check "${fused_args[@]}" --block="$blk" > "$OUT/fused_$blk.log" 2>&1
+  ft=${FUSED_TIMEOUT:-80}
+  for blk in ${FUSED_BLOCKS:-64 128 256}; do  # columns per program: register pressure against parallelism
+    timeout "$ft" $PY -m experiments.fused_boundary_check "${fused_args[@]}" --block="$blk" --hang_s=$(( ft - 20 )) \
+      > "$OUT/fused_$blk.log" 2>&1
     echo "fused_boundary_check --block=$blk: exit $?" | tee -a "$OUT/env.txt"
     grep '^{' "$OUT/fused_$blk.log" >> "$OUT/benchmark.jsonl"
-    grep -v '^{' "$OUT/fused_$blk.log" | tail -15 >> "$OUT/env.txt"
+    grep -v '^{' "$OUT/fused_$blk.log" | tail -40 >> "$OUT/env.txt"
+    rm -f "$OUT/fused_$blk.log"
   done
   grep '"label": "fused-boundary"' "$OUT/benchmark.jsonl" | cut -c1-400 | tee -a "$OUT/env.txt"
+fi
+
+# 1e. (STAGES with "variants") issue 10: the 204k's training step (VARIANT_WHAT "train infer":
+# and its inference) at L=50, batch 32, under each setting of VARIANT_ENVS in one process, timed
+# alternately against the first (experiments.benchmark --variants): XLA's boundaries, the Pallas
+# boundary kernel (SPHERE_JAX_BOUNDARY=pallas) with the block of columns that was fastest in the
+# fused stage (forward + backward, TF32), and bfloat16 grids. The Pallas variant is left out
+# unless the fused stage ran in this call and its kernel gave a row without an error (a kernel
+# that hangs in its compile would take the whole process with it). Rows "variants-train" /
+# "variants-infer" in benchmark.jsonl, tables in env.txt; at most VARIANT_TIMEOUT s per model and
+# what (default 240).
+if stage variants; then
+  best_block=$($PY - "$OUT/benchmark.jsonl" <<'PY'
+import json, sys
+try:
+    rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+except OSError:
+    rows = []
+ok = [r for r in rows if r.get("label") == "fused-boundary" and "error" not in r and r.get("precision") == "default"
+      and "rel_out" in r and r["rel_out"] < 1e-2]
+timed = [r for r in ok if r.get("fused_fwd_bwd_s")]
+print(min(timed, key=lambda r: r["fused_fwd_bwd_s"])["block"] if timed else (ok[0]["block"] if ok else ""))
+PY
+)
+  pallas=""; [ -n "$best_block" ] && pallas=",pallas$best_block:SPHERE_JAX_BOUNDARY=pallas+SPHERE_JAX_BOUNDARY_BLOCK=$best_block"
+  envs=${VARIANT_ENVS:-xla:SPHERE_JAX_BOUNDARY=xla$pallas,bf16:SPHERE_JAX_GRID_DTYPE=bfloat16}
+  echo "variants: $envs (fused stage's best block: ${best_block:-none})" | tee -a "$OUT/env.txt"
+  var_args=(--L="$L" --train_batch=32 --infer_batches=32 --repeats=${VARIANT_ROUNDS:-6})
+  [ -n "${SMOKE:-}" ] && var_args=(--L=12 --train_batch=2 --infer_batches=2 --repeats=2)
+  for what in ${VARIANT_WHAT:-train infer}; do
+    SPHERE_JAX_TRANSFORMS=dft SPHERE_JAX_SO3_LAYOUT=gamma_first $PY -m experiments.benchmark \
+      --variants="$(echo ${VARIANT_MODELS:-s2cnn_204k} | tr ' ' ,)" --env_variants="$envs" --layouts_what="$what" \
+      "${var_args[@]}" --timeout="${VARIANT_TIMEOUT:-240}" --out="$OUT/variants_$what" > "$OUT/.variants.log" 2>&1
+    echo "variants ($what): exit $?" | tee -a "$OUT/env.txt"
+    grep '^{' "$OUT/.variants.log" | $PY -c 'import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r["label"] = "variants-" + sys.argv[1]; print(json.dumps(r))' "$what" >> "$OUT/benchmark.jsonl"
+    grep -v '^{' "$OUT/.variants.log" | tail -20 | tee -a "$OUT/env.txt"
+    rm -rf "$OUT/.variants.log" "$OUT/variants_$what"
+  done
 fi
 
 # 2. training: the S2CNN segmenter (run 0) beside classification runs, until TRAIN_S

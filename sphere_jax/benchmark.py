@@ -128,7 +128,7 @@ def layer_case(case: dict) -> dict:
         relu = i < len(mods) - 1 or isinstance(model, s2cnn.S2CNNClassifier)
 
         def f(v, x, m=m, relu=relu):
-            fwd = lambda v, x: (jax.nn.relu if relu else (lambda y: y))(m.apply(v, x, tables))
+            fwd = lambda v, x: (hm.relu if relu else (lambda y: y))(m.apply(v, x, tables))
             y, vjp = jax.vjp(fwd, v, x)
             return vjp(y)
 
@@ -157,63 +157,120 @@ def layout_case(case: dict) -> dict:
     median of the per-round ratios ``gamma_first / channels_last`` (``ratio``) and the largest
     difference of the two layouts' outputs relative to their scale (``max_rel_diff``).
     """
+    variants = {layout: {"SPHERE_JAX_SO3_LAYOUT": layout} for layout in ("channels_last", "gamma_first")}
+    res = variants_case({**case, "variants_model": case["layout_model"], "variants": variants})
+    v = res.pop("variants")
+    out = {k: res[k] for k in ("model", "L", "batch", "what", "rounds", "device")}
+    for layout in variants:
+        out[layout] = {k: v[layout][k] for k in ("s", "temp_mb", "tables_mb")}
+    out["ratio"] = v["gamma_first"]["ratio"]
+    out["max_rel_diff"] = v["gamma_first"]["max_rel_diff"]
+    return out
+
+
+def variants_case(case: dict) -> dict:
+    """One model built under several settings of environment variables in one process (e.g.
+    ``SPHERE_JAX_BOUNDARY``, ``SPHERE_JAX_GRID_DTYPE``, ``SPHERE_JAX_SO3_LAYOUT``), its training
+    step (``what="train"``) or inference (``"infer"``) timed alternately, round by round.
+
+    ``case``: ``variants_model`` (name), ``L``, ``batch``, ``rounds``, ``what`` and ``variants``
+    ``{name: {VAR: value}}`` (the first is the reference). Returns per variant: the median time
+    ``s``; ``ratio``, the median of the per-round ratios to the reference; the compiled
+    function's cost analysis (``gflop``, ``gb``), XLA's temporaries ``temp_mb``, the tables'
+    ``tables_mb``, ``compile_s``; ``max_rel_diff``, the largest difference of its outputs from
+    the reference's relative to their scale (same parameters, same input); and for ``"train"``
+    ``loss_rel_diff``, the same for the first step's loss. A variant that fails to build or
+    compile gets ``error`` and is left out of the timing.
+    """
     import jax
+    import jax.numpy as jnp
     import optax
 
     from sphere_jax import harmonics as hm
     from sphere_jax import train
     from sphere_jax.models import registry
 
-    name, L, B = case["layout_model"], case["L"], case["batch"]
-    old = os.environ.get("SPHERE_JAX_SO3_LAYOUT")
-    runs, outs = {}, {}
+    name, L, B = case["variants_model"], case["L"], case["batch"]
+    variants = case["variants"]
+    names = list(variants)
+    keys = sorted({k for env in variants.values() for k in env})
+    old = {k: os.environ.get(k) for k in keys}
+    runs, outs, losses, errors = {}, {}, {}, {}
+    key = jax.random.key(0)
+    x = jax.random.uniform(key, (B, 2 * L, 2 * L - 1, 1))
+    variables = None
     try:
-        for layout in hm.SO3_LAYOUTS:
-            os.environ["SPHERE_JAX_SO3_LAYOUT"] = layout
-            model, task = registry.make_model(name, L_in=L)
-            tables = hm.build_tables(model.table_specs())
-            key = jax.random.key(0)
-            x = jax.random.uniform(key, (B, 2 * L, 2 * L - 1, 1))
-            variables = jax.jit(model.init)(key, x, tables)
-            predict = train.make_predict(model).lower(variables, tables, x).compile()
-            outs[layout] = np.asarray(predict(variables, tables, x))
-            if case["what"] == "train":
-                y = jax.random.randint(key, (B,) if task == "classify" else (B, 2 * L, 2 * L - 1), 0, 10)
-                params, model_state = train.split_variables(variables)
-                state = train.TrainState.create(params, optax.adam(1e-3), model_state)
-                fn = train.make_train_step(model, task).lower(state, tables, x, y).compile()
-                holder = {"s": state}
+        for v in names:
+            for k in keys:  # each variant from the same baseline: its own settings, the rest as they were
+                if k in variants[v]:
+                    os.environ[k] = str(variants[v][k])
+                elif old[k] is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = old[k]
+            try:
+                t0 = time.perf_counter()
+                model, task = registry.make_model(name, L_in=L)
+                tables = hm.build_tables(model.table_specs())
+                if variables is None:  # the same parameters for every variant
+                    variables = jax.jit(model.init)(key, x, tables)
+                predict = train.make_predict(model).lower(variables, tables, x).compile()
+                outs[v] = np.asarray(predict(variables, tables, x))
+                if case["what"] == "train":
+                    y = jax.random.randint(key, (B,) if task == "classify" else (B, 2 * L, 2 * L - 1), 0, 10)
+                    # the step donates its state: each variant trains its own copy of the parameters
+                    params, model_state = jax.tree.map(jnp.copy, train.split_variables(variables))
+                    state = train.TrainState.create(params, optax.adam(1e-3), model_state)
+                    fn = train.make_train_step(model, task).lower(state, tables, x, y).compile()
+                    state, loss = fn(state, tables, x, y)
+                    losses[v] = float(loss)
+                    holder = {"s": state}
 
-                def call(fn=fn, holder=holder, tables=tables, x=x, y=y):
-                    holder["s"], loss = fn(holder["s"], tables, x, y)
-                    jax.block_until_ready(loss)
-            else:
-                fn = predict
-                call = lambda fn=fn, v=variables, t=tables, x=x: jax.block_until_ready(fn(v, t, x))
-            runs[layout] = {"call": call, "temp_mb": round(fn.memory_analysis().temp_size_in_bytes / 1e6, 1),
-                            "tables_mb": round(sum(t.nbytes for t in tables.values()) / 1e6, 1), "t": []}
+                    def call(fn=fn, holder=holder, tables=tables, x=x, y=y):
+                        holder["s"], loss = fn(holder["s"], tables, x, y)
+                        jax.block_until_ready(loss)
+                else:
+                    fn = predict
+                    call = lambda fn=fn, v=variables, t=tables, x=x: jax.block_until_ready(fn(v, t, x))  # noqa: E731
+                mem = fn.memory_analysis()
+                runs[v] = {"call": call, "temp_mb": round(mem.temp_size_in_bytes / 1e6, 1) if mem else None,
+                           "tables_mb": round(sum(t.nbytes for t in tables.values()) / 1e6, 1),
+                           "compile_s": round(time.perf_counter() - t0, 2), **cost_of(fn), "t": []}
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
+                errors[v] = f"{type(e).__name__}: {str(e)[:400]}"
     finally:
-        if old is None:
-            os.environ.pop("SPHERE_JAX_SO3_LAYOUT", None)
-        else:
-            os.environ["SPHERE_JAX_SO3_LAYOUT"] = old
+        for k, val in old.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
+    timed = [v for v in names if v in runs]
     for r in range(case["rounds"] + 1):  # round 0 warms up
-        for layout in (hm.SO3_LAYOUTS if r % 2 else hm.SO3_LAYOUTS[::-1]):
+        for v in (timed if r % 2 else timed[::-1]):
             time.sleep(0.05)
             t = time.perf_counter()
-            runs[layout]["call"]()
+            runs[v]["call"]()
             if r:
-                runs[layout]["t"].append(time.perf_counter() - t)
-    a, b = (np.asarray(runs[k]["t"]) for k in hm.SO3_LAYOUTS)
-    ref = outs["channels_last"]
-    return {
-        "model": name, "L": L, "batch": B, "what": case["what"], "rounds": case["rounds"],
-        "device": jax.devices()[0].device_kind,
-        **{k: {"s": round(float(np.median(v["t"])), 4), "temp_mb": v["temp_mb"], "tables_mb": v["tables_mb"]}
-           for k, v in runs.items()},
-        "ratio": round(float(np.median(b / a)), 3),
-        "max_rel_diff": float(np.max(np.abs(outs["gamma_first"] - ref)) / max(float(np.max(np.abs(ref))), 1e-30)),
-    }
+                runs[v]["t"].append(time.perf_counter() - t)
+    ref = names[0]
+    rel = lambda a, b: float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))  # noqa: E731
+    rows = {}
+    for v in names:
+        if v in errors:
+            rows[v] = {"env": variants[v], "error": errors[v]}
+            continue
+        t = np.asarray(runs[v]["t"])
+        row = {"env": variants[v], **{k: runs[v][k] for k in ("temp_mb", "tables_mb", "compile_s", "gflop", "gb")},
+               "s": round(float(np.median(t)), 5) if t.size else None}
+        if ref in runs and t.size:
+            row["ratio"] = round(float(np.median(t / np.asarray(runs[ref]["t"]))), 3)
+        if ref in outs:
+            row["max_rel_diff"] = rel(outs[v], outs[ref])
+        if ref in losses and v in losses:
+            row["loss_rel_diff"] = abs(losses[v] - losses[ref]) / max(abs(losses[ref]), 1e-30)
+        rows[v] = row
+    return {"model": name, "L": L, "batch": B, "what": case["what"], "rounds": case["rounds"],
+            "device": jax.devices()[0].device_kind, "reference": ref, "variants": rows}
 
 
 def layers_markdown(result: dict) -> str:
@@ -513,6 +570,10 @@ def transforms_markdown(rows: list[dict]) -> str:
     return head + body
 
 
+def _case_model(case: dict):
+    return next((case[k] for k in ("model", "layers", "layout_model", "variants_model", "profile") if case.get(k)), None)
+
+
 def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
     env = dict(os.environ)
     try:
@@ -521,14 +582,14 @@ def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"model": case.get("model") or case.get("layers") or case.get("layout_model") or case.get("profile"), "transforms": case.get("transforms"), "L": case["L"],
+        return {"model": _case_model(case), "transforms": case.get("transforms"), "L": case["L"],
                 "error": [f"timed out after {timeout} s"]}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         # the exception line, not JAX's "removed its internal frames" notice
         errs = [l for l in text if "Error" in l or "Exception" in l] or text[-1:]
-        return {"model": case.get("model") or case.get("layers") or case.get("layout_model") or case.get("profile"), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
+        return {"model": _case_model(case), "transforms": case.get("transforms"), "L": case["L"], "error": errs[-1:]}
     return json.loads(lines[-1])
 
 
@@ -606,5 +667,5 @@ if __name__ == "__main__":
     if "profile" in _case:
         from sphere_jax.profiling import profile_case as _profile_case
     _run = (_profile_case if "profile" in _case else transforms_case if "transforms" in _case else layer_case if "layers" in _case
-            else layout_case if "layout_model" in _case else run_case)
+            else layout_case if "layout_model" in _case else variants_case if "variants_model" in _case else run_case)
     print(json.dumps(_run(_case)))

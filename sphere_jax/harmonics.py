@@ -481,6 +481,96 @@ def grid_dtype() -> jnp.dtype:
     return jnp.dtype(v)
 
 
+BOUNDARIES = ("xla", "pallas")
+
+
+def boundary() -> str:
+    """How gamma-first S2CNN layers pass a grid to the next layer through the bias and ReLU:
+
+    * ``"xla"`` (the default): the layer writes its grid (:func:`so3_inverse_gf`), the model adds
+      the bias and applies the ReLU, and the next layer reads it (:func:`so3_forward_gf`);
+    * ``"pallas"``: the layer returns a :class:`PendingGrid` (its inverse transform short of the
+      last matmul, and its bias), and the next layer computes ``M_f relu(M_i h + bias)`` in one
+      kernel (:func:`sphere_jax.boundary.fused_boundary`): the grid is never written, and the
+      backward pass recomputes the ReLU's mask instead of saving the grid. Float32 grids only.
+      A GPU path; on a CPU the kernel runs in Pallas's interpreter (tests only).
+
+    Set by ``SPHERE_JAX_BOUNDARY``; the kernel's column block by ``SPHERE_JAX_BOUNDARY_BLOCK``
+    (default 64) and its dots' precision by ``SPHERE_JAX_BOUNDARY_PRECISION`` (``default``:
+    TF32 on a GPU, as XLA's float32 matmuls; ``tf32x3``; ``highest``). Read when a model is traced.
+    """
+    v = os.environ.get("SPHERE_JAX_BOUNDARY", "xla")
+    if v not in BOUNDARIES:
+        raise ValueError(f"SPHERE_JAX_BOUNDARY={v!r}; choose one of {BOUNDARIES}")
+    if v == "pallas" and grid_dtype() != jnp.float32:
+        raise ValueError("SPHERE_JAX_BOUNDARY=pallas needs float32 grids (SPHERE_JAX_GRID_DTYPE=float32)")
+    return v
+
+
+def boundary_block() -> int:
+    """Columns per program of the fused boundary kernel (``SPHERE_JAX_BOUNDARY_BLOCK``, default 64)."""
+    v = os.environ.get("SPHERE_JAX_BOUNDARY_BLOCK", "64")
+    try:
+        b = int(v)
+    except ValueError:
+        b = 0
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"SPHERE_JAX_BOUNDARY_BLOCK={v!r}; need a power of 2 >= 16")
+    return b
+
+
+def boundary_precision() -> str:
+    """Dot precision of the fused boundary kernel (``SPHERE_JAX_BOUNDARY_PRECISION``, default ``default``)."""
+    from sphere_jax.boundary import PRECISIONS
+
+    v = os.environ.get("SPHERE_JAX_BOUNDARY_PRECISION", "default")
+    if v not in PRECISIONS:
+        raise ValueError(f"SPHERE_JAX_BOUNDARY_PRECISION={v!r}; choose one of {PRECISIONS}")
+    return v
+
+
+@jax.tree_util.register_pytree_node_class
+class PendingGrid:
+    """A gamma-first SO(3) grid ``[2L-1, 2L-1, B, C, 2L]`` not yet written: ``relu?(M_i h + bias)``
+    with ``h [2N, (2L-1) B C 2L]`` from :func:`so3_inverse_gf` (``pending=True``), ``bias [C]``
+    and ``M_i = _gamma_inverse_matrix(L, N)``. What gamma-first layers return under
+    ``SPHERE_JAX_BOUNDARY=pallas`` (:func:`boundary`): :func:`so3_forward_gf` consumes it without
+    the grid, :func:`relu` marks it, :meth:`materialize` writes it. ``shape`` and ``ndim`` are
+    the grid's."""
+
+    def __init__(self, h: jax.Array, bias: jax.Array, shape: tuple, relu: bool = False):
+        self.h, self.bias, self.shape, self.relu = h, bias, tuple(shape), bool(relu)
+
+    ndim = 5
+
+    @property
+    def dtype(self):
+        return self.h.dtype
+
+    def tree_flatten(self):
+        return (self.h, self.bias), (self.shape, self.relu)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def materialize(self) -> jax.Array:
+        """The grid ``[2L-1, 2L-1, B, C, 2L]`` (bias added, ReLU applied if marked)."""
+        L = self.shape[4] // 2
+        out = _left_matmul(_gamma_inverse_matrix(L, self.h.shape[0] // 2), self.h).reshape(self.shape)
+        out = out + self.bias.astype(out.dtype)[:, None]
+        return jax.nn.relu(out) if self.relu else out
+
+
+def relu(x):
+    """ReLU of an array or of a :class:`PendingGrid` (marked, applied where it is consumed)."""
+    if isinstance(x, PendingGrid):
+        if x.relu:
+            raise ValueError("this PendingGrid has its ReLU already")
+        return PendingGrid(x.h, x.bias, x.shape, relu=True)
+    return jax.nn.relu(x)
+
+
 def to_gamma_first(x: jax.Array) -> jax.Array:
     """``[B, 2N-1, 2L, 2L-1, C]`` -> ``[2N-1, 2L-1, B, C, 2L]``."""
     return jnp.transpose(x, (1, 3, 0, 4, 2))
@@ -541,18 +631,30 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     ``(L, True, Lb)``. Three matrix products, none of which moves the data first: gamma -> n on
     the leading axis, alpha -> m batched over n, beta -> l batched over (n, m). The grid-sized
     steps run in ``x``'s dtype (float32 or bfloat16, see :func:`grid_dtype`); the coefficients
-    are float32."""
+    are float32. ``x`` may be a :class:`PendingGrid`: with its ReLU and
+    ``SPHERE_JAX_BOUNDARY=pallas`` the grid is then never written (see :func:`boundary`)."""
     Nb, Mb, T, Lb = table.shape
     L = T // 2
     K = 2 * L - 1
     if x.ndim != 5 or x.shape[:2] != (K, K) or x.shape[4] != T:
         raise ValueError(f"gamma-first SO(3) signal must be [{K}, {K}, batch, channels, {T}], got {x.shape}")
     B, C = x.shape[2:4]
-    am_c, am_s, gn_c, gn_s = _dft_mats(L, L)
+    am_c, am_s, _, _ = _dft_mats(L, L)
     c, s = am_c[L - Lb : L + Lb - 1], am_s[L - Lb : L + Lb - 1]  # [m, p]
-    mg = np.stack([gn_c[:Nb], -gn_s[:Nb]], axis=1).reshape(2 * Nb, K)  # [(n, re/im), gamma]: e^{-i n gamma}
-    dt = x.dtype
-    a = _left_matmul(mg, x).reshape(Nb, 2 * K, B * C * T)  # [n, (re/im, alpha), bct]
+    mg = _gamma_forward_matrix(L, Nb)  # [(n, re/im), gamma]: e^{-i n gamma}
+    if isinstance(x, PendingGrid) and x.relu and boundary() == "pallas":  # one kernel, no grid in memory
+        from sphere_jax import boundary as fb
+
+        bias = jnp.broadcast_to(x.bias.astype(jnp.float32)[None, None, :, None], (K, B, C, T)).reshape(-1)
+        a = fb.fused_boundary(jnp.asarray(_gamma_inverse_matrix(L, x.h.shape[0] // 2)), jnp.asarray(mg), x.h, bias,
+                              block=boundary_block(), precision=boundary_precision())
+        dt = jnp.float32
+    else:
+        if isinstance(x, PendingGrid):
+            x = x.materialize()
+        dt = x.dtype
+        a = _left_matmul(mg, x)
+    a = a.reshape(Nb, 2 * K, B * C * T)  # [n, (re/im, alpha), bct]
     # alpha -> m: (re, im) of sum_p a e^{-i m alpha_p} as one real block [(m, re/im out), (re/im in, alpha)]
     ma = np.stack([np.stack([c, s], 1), np.stack([-s, c], 1)], 1).reshape(2 * Mb, 2 * K)
     y = jnp.einsum("nxq,nqz->nxz", _batched(ma, Nb, dt), a, preferred_element_type=dt).reshape(Nb, Mb, 2 * B * C, T)
@@ -560,12 +662,14 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     return out.reshape(Nb, Mb, 2, B, C, Lb)
 
 
-def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32) -> jax.Array:
+def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32, pending: bool = False) -> jax.Array:
     """Half coefficients ``[Lb, 2Lb-1, 2, B, C, Lb]`` (as :func:`so3_forward_gf` returns; the
     coefficients outside are zero) -> real SO(3) signal, gamma first, ``[2L-1, 2L-1, B, C, 2L]``,
     for the ``table`` of :func:`so3_table_gf` ``(L, False, Lb)``. Equals :func:`so3_inverse_half`.
     The grid-sized steps and the result are in ``dtype`` (float32 or bfloat16, see
-    :func:`grid_dtype`)."""
+    :func:`grid_dtype`). With ``pending=True`` it stops before the last step (n -> gamma) and
+    returns ``h [2 Lb, (2L-1) B C 2L]`` (rows ``(n >= 0, re/im)``, columns ``(alpha, b, c,
+    beta)``), the grid being ``_gamma_inverse_matrix(L, Lb) @ h`` (see :class:`PendingGrid`)."""
     Nb, Mb, Lb, T = table.shape
     L = T // 2
     K = 2 * L - 1
@@ -581,11 +685,27 @@ def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32) -> ja
     mi = np.stack([np.stack([c, -s], 2), np.stack([s, c], 2)], 0).reshape(2 * K, 2 * Mb)
     x = x.reshape(Nb, 2 * Mb, B * C * T)
     h = jnp.einsum("nqx,nxz->nqz", _batched(mi, Nb, dt), x, preferred_element_type=dt)  # [n, (re/im, alpha), bct]
-    # n >= 0 -> gamma: Re sum_n w_n h e^{i n gamma}
+    h = h.reshape(2 * Nb, K * B * C * T)
+    if pending:
+        return h
+    return _left_matmul(_gamma_inverse_matrix(L, Nb), h).reshape(K, K, B, C, T)
+
+
+@functools.lru_cache(maxsize=None)
+def _gamma_inverse_matrix(L: int, Nb: int) -> np.ndarray:
+    """``[2L-1 (gamma), 2 Nb ((n >= 0, re/im))]`` float32: ``Re sum_n w_n h_n e^{i n gamma}``
+    (``w_0 = 1``, ``w_n = 2``), the last step of :func:`so3_inverse_gf`."""
+    _, _, gn_c, gn_s = _dft_mats(L, L)
     w = np.where(np.arange(Nb) == 0, 1.0, 2.0)[:, None]
-    mg = np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]], axis=1).reshape(2 * Nb, K).T  # [gamma, (n, re/im)]
-    out = _left_matmul(mg, h.reshape(2 * Nb, K * B * C * T))
-    return out.reshape(K, K, B, C, T)
+    return np.ascontiguousarray(np.stack([w * gn_c[:Nb], -w * gn_s[:Nb]], axis=1).reshape(2 * Nb, 2 * L - 1).T)
+
+
+@functools.lru_cache(maxsize=None)
+def _gamma_forward_matrix(L: int, Nb: int) -> np.ndarray:
+    """``[2 Nb ((n >= 0, re/im)), 2L-1 (gamma)]`` float32: ``e^{-i n gamma}``, the first step of
+    :func:`so3_forward_gf`."""
+    _, _, gn_c, gn_s = _dft_mats(L, L)
+    return np.ascontiguousarray(np.stack([gn_c[:Nb], -gn_s[:Nb]], axis=1).reshape(2 * Nb, 2 * L - 1))
 
 
 def so3_half_to_full_gf(c: jax.Array, m_nonneg: bool = False) -> jax.Array:

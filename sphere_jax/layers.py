@@ -91,6 +91,18 @@ def _add_grid_bias(out: jax.Array, b: jax.Array) -> jax.Array:
     return _add_bias_f32_grad(out, b)
 
 
+def _grid_out(coeffs: jax.Array, L_out: int, Lc: int, tables, b: jax.Array):
+    """Half coefficients ``[Lc, 2Lc-1, 2, B, C, Lc]`` -> the gamma-first output grid plus bias,
+    ``[2L-1, 2L-1, B, C, 2L]`` (``L = L_out``), or under ``SPHERE_JAX_BOUNDARY=pallas`` the same
+    grid as a :class:`sphere_jax.harmonics.PendingGrid` that the next layer consumes unwritten."""
+    table = hm.lookup(tables, hm.so3_gf_key(L_out, False, Lc))
+    if hm.boundary() == "pallas":
+        B, C = coeffs.shape[3:5]
+        K = 2 * L_out - 1
+        return hm.PendingGrid(hm.so3_inverse_gf(coeffs, table, jnp.float32, pending=True), b, (K, K, B, C, 2 * L_out))
+    return _add_grid_bias(hm.so3_inverse_gf(coeffs, table, hm.grid_dtype()), b)
+
+
 def _pad_end(x: jax.Array, axis: int, size: int) -> jax.Array:
     cur = x.shape[axis]
     if cur >= size:
@@ -186,8 +198,7 @@ class S2Conv(nn.Module):
             # real (re, im)-stacked product straight into the gamma-first coefficient order
             f2 = jnp.stack([jnp.real(flm), jnp.imag(flm)])  # [re/im, B, l, m, C]
             g = jnp.einsum("rblmc,rslncd->nmsbdl", f2, _complex_as_real(psi))  # [n, m, re/im, B, D, l]
-            out = hm.so3_inverse_gf(g, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)), hm.grid_dtype())
-            return _add_grid_bias(out, b)
+            return _grid_out(g, self.L_out, Lc, tables, b)
         g = jnp.einsum("blmc,lncd->bnlmd", flm, psi)
         g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
         g = _pad_centre(g, 3, 2 * self.L_out - 1)
@@ -343,8 +354,7 @@ class SO3Conv(_SO3Filter):
             Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", Fb[s, s], psi2)
             blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
         H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
-        out = hm.so3_inverse_gf(H, hm.lookup(tables, hm.so3_gf_key(self.L_out, False, Lc)), hm.grid_dtype())
-        return _add_grid_bias(out, b)
+        return _grid_out(H, self.L_out, Lc, tables, b)
 
 
 class SO3ToS2(_SO3Filter):
@@ -413,6 +423,8 @@ def so3_integrate(x: jax.Array, layout: str = "channels_last") -> jax.Array:
     """Haar mean over SO(3): ``[B, 2N-1, 2L, 2L-1, C]`` (or, ``layout="gamma_first"``,
     ``[2N-1, 2L-1, B, C, 2L]``) -> ``[B, C]`` (rotation invariant)."""
     gf = layout == "gamma_first"
+    if isinstance(x, hm.PendingGrid):
+        x = x.materialize()
     K, P, T = (x.shape[0], x.shape[1], x.shape[4]) if gf else (x.shape[1], x.shape[3], x.shape[2])
     w = grids.dh_quadrature_weights(T // 2).astype(np.float32)
     w = w / (w.sum() * P * K)

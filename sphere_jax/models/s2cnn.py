@@ -194,7 +194,7 @@ def _apply_layers(mods, x, tables, relu_last: bool):
     for i, m in enumerate(mods):
         x = m(x, tables)
         if i < len(mods) - 1 or relu_last:
-            x = nn.relu(x)
+            x = hm.relu(x)  # a PendingGrid too (SPHERE_JAX_BOUNDARY=pallas)
     return x
 
 
