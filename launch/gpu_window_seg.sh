@@ -305,8 +305,9 @@ if stage fused; then
   grep '"label": "fused-boundary"' "$OUT/benchmark.jsonl" | cut -c1-400 | tee -a "$OUT/env.txt"
 fi
 
-# 1e. (STAGES with "variants") issue 10: the 204k's training step (VARIANT_WHAT "train infer":
-# and its inference) at L=50, batch 32, under each setting of VARIANT_ENVS in one process, timed
+# 1e. (STAGES with "variants") issue 10: the training steps of VARIANT_MODELS (default the 204k at
+# L=50 and the deep classifier at L=30) and the inference of VARIANT_INFER_MODELS (the 204k), batch 32
+# (VARIANT_WHAT, default "train infer"), under each setting of VARIANT_ENVS in one process, timed
 # alternately against the first (experiments.benchmark --variants): XLA's boundaries, the Pallas
 # boundary kernel (SPHERE_JAX_BOUNDARY=pallas) with the block of columns that was fastest in the
 # fused stage (forward + backward, TF32), and bfloat16 grids. The Pallas variant is left out
@@ -330,11 +331,13 @@ PY
   pallas=""; [ -n "$best_block" ] && pallas=",pallas$best_block:SPHERE_JAX_BOUNDARY=pallas+SPHERE_JAX_BOUNDARY_BLOCK=$best_block"
   envs=${VARIANT_ENVS:-xla:SPHERE_JAX_BOUNDARY=xla$pallas,bf16:SPHERE_JAX_GRID_DTYPE=bfloat16}
   echo "variants: $envs (fused stage's best block: ${best_block:-none})" | tee -a "$OUT/env.txt"
-  var_args=(--L="$L" --train_batch=32 --infer_batches=32 --repeats=${VARIANT_ROUNDS:-6})
+  var_args=(--train_batch=32 --infer_batches=32 --repeats=${VARIANT_ROUNDS:-6})  # each model at its study band-limit
   [ -n "${SMOKE:-}" ] && var_args=(--L=12 --train_batch=2 --infer_batches=2 --repeats=2)
   for what in ${VARIANT_WHAT:-train infer}; do
+    if [ "$what" = train ]; then models=${VARIANT_MODELS:-s2cnn_204k s2cnn_cls_deep}; else models=${VARIANT_INFER_MODELS:-s2cnn_204k}; fi
+    [ -n "${SMOKE:-}" ] && models=s2cnn_204k  # the deep classifier needs L >= 30
     SPHERE_JAX_TRANSFORMS=dft SPHERE_JAX_SO3_LAYOUT=gamma_first $PY -m experiments.benchmark \
-      --variants="$(echo ${VARIANT_MODELS:-s2cnn_204k} | tr ' ' ,)" --env_variants="$envs" --layouts_what="$what" \
+      --variants="$(echo $models | tr ' ' ,)" --env_variants="$envs" --layouts_what="$what" \
       "${var_args[@]}" --timeout="${VARIANT_TIMEOUT:-240}" --out="$OUT/variants_$what" > "$OUT/.variants.log" 2>&1
     echo "variants ($what): exit $?" | tee -a "$OUT/env.txt"
     grep '^{' "$OUT/.variants.log" | $PY -c 'import json, sys
