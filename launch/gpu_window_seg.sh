@@ -33,7 +33,7 @@
 # of the small classification models, SHARE_MODELS, SHARE_PROCS, SHARE_MEMBERS, and with MPS=1 the
 # processes under the MPS daemon), BEST_VARIANT (TRANSFORMS/SO3_LAYOUT to train with, instead of the
 # fastest float32 "after-" row of this call's benchmarks; with no benchmarks and no BEST_VARIANT:
-# dft/gamma_first, the fastest on an H200), SEG_MODE (input_scale | run0), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
+# dft/gamma_first, the fastest on an H200), SEG_MODE (input_scale | dtype | run0 | grid | none), SCALE_STEPS (default 600), CLS_ONLY (comma-separated run indices of paper_classification, "" for none), CLS_JOBS,
 # BEFORE (a folder holding an earlier sphere_jax/; put first on PYTHONPATH, so it only works where
 # sphere_jax is not pip-installed, as on the GPU host: an editable install shadows it), VARIANTS (default "dft dft/gamma_first/bfloat16": the open question after the 2026-11-27 window, where
 # dft/channels_last took 108.1 ms and gamma-first 64.3; "" times none),
@@ -378,13 +378,19 @@ elif [ "$SEG_MODE" = grid ]; then  # the segmentation CNNs, several runs per pro
   SEG_PIDS+=($!)
 elif [ "$SEG_MODE" != none ]; then  # one process per variant, alone on the GPU (the S2CNN trains 2.8x slower beside other
       # runs); each line of input_scale.log starts with its variant. The classification runs
-      # get what is left of TRAIN_S.
+      # get what is left of TRAIN_S. SEG_MODE=dtype: issue 10's question whether bfloat16 grids
+      # (0.67x the float32 step on an H200) learn as well: the same run (rms60, the library's
+      # input scale, seed 0) with float32 and with bfloat16 grids; lines start "float32 rms60" or
+      # "bfloat16 rms60".
   mkdir -p "$SWEEP/input_scale"; : > "$OUT/input_scale.log"
-  for v in none1 rms60; do
-    SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m experiments.input_scale --model=s2cnn_204k \
+  if [ "$SEG_MODE" = dtype ]; then runs="float32:rms60 bfloat16:rms60"; else runs="float32:none1 float32:rms60"; fi
+  for dv in $runs; do
+    dt=${dv%%:*}; v=${dv#*:}; tag=""; [ "$SEG_MODE" = dtype ] && tag="$dt "
+    SPHERE_JAX_GRID_DTYPE=$dt SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m experiments.input_scale --model=s2cnn_204k \
       --L="$L" --steps="$SCALE_STEPS" --eval_every=$(( SCALE_STEPS / 4 > 0 ? SCALE_STEPS / 4 : 1 )) \
       --learning_rate=1e-3 --variants=$v --n_test=$(( EVAL_N > 0 ? EVAL_N : 1000 )) \
-      --digits_npz="$PWD/.whl/data/mnist.npz" --out="$SWEEP/input_scale/seg_L${L}_$v" >> "$OUT/input_scale.log" 2>&1 &
+      --digits_npz="$PWD/.whl/data/mnist.npz" --out="$SWEEP/input_scale/seg_L${L}_$v${tag:+_$dt}" 2>&1 \
+      | sed -u "s/^/$tag/" >> "$OUT/input_scale.log" &
     SEG_PIDS+=($!)
   done
   wait "${SEG_PIDS[@]}"; SEG_PIDS=()
