@@ -624,6 +624,25 @@ def _left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
     return f(x)
 
 
+def _batched_left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
+    """A constant matrix ``m [J, K]`` times each slice of ``x [n, K, Z]`` -> ``[n, J, Z]`` (a
+    batched dot: :func:`_batched`), whose backward pass is ``m^T`` times each slice of the
+    cotangent, again ``[n, K, Z]``. JAX's own transpose rule computes ``cotangent^T m`` per slice,
+    ``[n, Z, K]``, and transposes it: on an H200 that transpose took about 1 ms per transform
+    at the 204k's first layers (1.65 GB moved; results/gpu/README.md, 2026-11-28 profile)."""
+    m = np.asarray(m, np.float32)
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.einsum("nxq,nqz->nxz", _batched(m, x.shape[0], x.dtype), x, preferred_element_type=x.dtype)
+
+    def bwd(_, g):
+        return (jnp.einsum("nqx,nxz->nqz", _batched(m.T, g.shape[0], g.dtype), g, preferred_element_type=g.dtype),)
+
+    f.defvjp(lambda x: (f(x), None), bwd)
+    return f(x)
+
+
 def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     """Real SO(3) signal, gamma first, ``[2N-1, 2L-1, B, C, 2L]`` (``N = L``) -> half coefficients
     ``[Lb, 2Lb-1, 2, B, C, Lb]`` indexed ``[n >= 0, Lb-1+m, re/im, b, c, l]``: the same numbers as
@@ -657,7 +676,7 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     a = a.reshape(Nb, 2 * K, B * C * T)  # [n, (re/im, alpha), bct]
     # alpha -> m: (re, im) of sum_p a e^{-i m alpha_p} as one real block [(m, re/im out), (re/im in, alpha)]
     ma = np.stack([np.stack([c, s], 1), np.stack([-s, c], 1)], 1).reshape(2 * Mb, 2 * K)
-    y = jnp.einsum("nxq,nqz->nxz", _batched(ma, Nb, dt), a, preferred_element_type=dt).reshape(Nb, Mb, 2 * B * C, T)
+    y = _batched_left_matmul(ma, a.astype(dt)).reshape(Nb, Mb, 2 * B * C, T)
     out = jnp.einsum("nmzt,nmtl->nmzl", y, table.astype(dt), preferred_element_type=jnp.float32)  # beta -> l
     return out.reshape(Nb, Mb, 2, B, C, Lb)
 
@@ -684,7 +703,7 @@ def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32, pendi
     # m -> alpha: (re, im) of sum_m x e^{i m alpha_p} as one real block [(re/im out, alpha), (m, re/im in)]
     mi = np.stack([np.stack([c, -s], 2), np.stack([s, c], 2)], 0).reshape(2 * K, 2 * Mb)
     x = x.reshape(Nb, 2 * Mb, B * C * T)
-    h = jnp.einsum("nqx,nxz->nqz", _batched(mi, Nb, dt), x, preferred_element_type=dt)  # [n, (re/im, alpha), bct]
+    h = _batched_left_matmul(mi, x)  # [n, (re/im, alpha), bct]
     h = h.reshape(2 * Nb, K * B * C * T)
     if pending:
         return h

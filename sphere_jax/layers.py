@@ -34,6 +34,7 @@ use it with the ``"dft"`` transforms, see :func:`sphere_jax.harmonics.so3_layout
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import flax.linen as nn
@@ -46,6 +47,22 @@ from sphere_jax import grids, harmonics as hm
 # l-buckets for the SO(3) block products: blocks of nearby degrees are padded to the largest
 # in the bucket, so the products cost ~1.3x the triangular minimum in a handful of einsums.
 _BUCKET = 6
+
+
+def bucket_size() -> int:
+    """Degrees per block of the SO(3) layers' block products (:data:`_BUCKET`, 6, by default).
+    Larger blocks cost more FLOPs (one block for all degrees: about 3x the triangular minimum)
+    but fewer slices, pads and concatenations, which a GPU profile of the 204k segmenter put at
+    about 10 ms of its 64 ms step (results/gpu/README.md). Set by ``SPHERE_JAX_SO3_BUCKET`` (a
+    positive integer); read when a model is traced. The numbers do not depend on it."""
+    v = os.environ.get("SPHERE_JAX_SO3_BUCKET", str(_BUCKET))
+    try:
+        b = int(v)
+    except ValueError:
+        b = 0
+    if b < 1:
+        raise ValueError(f"SPHERE_JAX_SO3_BUCKET={v!r}; need a positive integer")
+    return b
 
 
 def _uniform(key, shape, dtype=jnp.float32):
@@ -113,7 +130,7 @@ def _pad_end(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def _buckets(Lc: int) -> list[tuple[int, int]]:
-    edges = list(range(0, Lc, _BUCKET)) + [Lc]
+    edges = list(range(0, Lc, bucket_size())) + [Lc]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 

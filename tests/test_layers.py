@@ -335,6 +335,56 @@ def test_gamma_first_transforms_equal_the_channels_last_ones(Lb):
         hm.so3_inverse_gf(g[:, :, :1], jnp.asarray(hm.so3_table_gf(Ls, False, Lb)))
 
 
+def test_bucket_size_changes_no_number(monkeypatch):
+    """SPHERE_JAX_SO3_BUCKET (degrees per block of the block products) trades FLOPs for fewer
+    slices and concatenations; every block size gives the same SO3Conv (the only layer with
+    blocks), values and kernel gradient (bound 1e-5)."""
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
+    L_in, L_out, B, C = 7, 6, 2, 3
+    x = jax.random.normal(jax.random.key(0), (2 * L_in - 1, 2 * L_in - 1, B, C, 2 * L_in))
+    outs = {}
+    for kind in ("SO3Conv",):
+        m = getattr(layers, kind)(4, L_in, L_out, 0.4, layout="gamma_first")
+        tables = hm.build_tables(m.table_specs())
+        v = m.init(jax.random.key(1), x, tables)
+        for size in ("1", "6", "100"):
+            monkeypatch.setenv("SPHERE_JAX_SO3_BUCKET", size)
+            out = m.apply(v, x, tables)
+            g = jax.grad(lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, tables))))(v["params"])["kernel"]
+            outs[kind, size] = (out, g)
+        for size in ("1", "100"):
+            assert rel(outs[kind, size][0], outs[kind, "6"][0]) < 1e-5
+            assert rel(outs[kind, size][1], outs[kind, "6"][1]) < 1e-5
+        monkeypatch.setenv("SPHERE_JAX_SO3_BUCKET", "0")
+        with pytest.raises(ValueError, match="SPHERE_JAX_SO3_BUCKET"):
+            m.apply(v, x, tables)
+        monkeypatch.delenv("SPHERE_JAX_SO3_BUCKET")
+
+
+def test_gamma_first_transforms_backward_without_transposes():
+    """The gradient of a forward + inverse round trip through the gamma-first transforms: equal to
+    the channels-last transforms' gradient (measured 2.2e-7 relative, bound 1e-5), and its jaxpr
+    holds no transpose (JAX's rule for the batched alpha DFT transposed its result: 2 here, about
+    1 ms each on an H200 at the 204k's sizes)."""
+    Ls, Lb, B, C = 8, 6, 2, 3
+    x = jax.random.normal(jax.random.key(0), (B, 2 * Ls - 1, 2 * Ls, 2 * Ls - 1, C))
+    tf, ti = jnp.asarray(hm.so3_table_gf(Ls, True, Lb)), jnp.asarray(hm.so3_table_gf(Ls, False, Lb))
+    t_f, t_i = jnp.asarray(hm.so3_table(Ls, Ls, True)), jnp.asarray(hm.so3_table(Ls, Ls, False))
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    xg, wg = hm.to_gamma_first(x), hm.to_gamma_first(w)
+
+    def gf(xg):
+        return jnp.sum(jnp.sin(hm.so3_inverse_gf(hm.so3_forward_gf(xg, tf), ti)) * wg)
+
+    def cl(x):
+        F = hm.so3_forward_half(x, t_f, L_band=Lb)  # [B, n, l, m, C], band-limited
+        F = jnp.pad(F, ((0, 0), (0, Ls - Lb), (0, Ls - Lb), (Ls - Lb, Ls - Lb), (0, 0)))
+        return jnp.sum(jnp.sin(hm.so3_inverse_half(F, t_i)) * w)
+
+    assert rel(jax.grad(gf)(xg), hm.to_gamma_first(jax.grad(cl)(x))) < 1e-5
+    assert "transpose[" not in str(jax.make_jaxpr(jax.grad(gf))(xg))
+
+
 @pytest.mark.parametrize("kind", ["S2Conv", "SO3Conv", "SO3ToS2"])
 @pytest.mark.parametrize("L_in,L_out", [(7, 5), (5, 7), (6, 6)])
 def test_layers_gamma_first_equal_channels_last(kind, L_in, L_out, dft):
