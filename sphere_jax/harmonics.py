@@ -487,8 +487,8 @@ BOUNDARIES = ("xla", "pallas")
 def boundary() -> str:
     """How gamma-first S2CNN layers pass a grid to the next layer through the bias and ReLU:
 
-    * ``"xla"`` (the default): the layer writes its grid (:func:`so3_inverse_gf`), the model adds
-      the bias and applies the ReLU, and the next layer reads it (:func:`so3_forward_gf`);
+    * ``"xla"`` (the default): the layer writes its grid, bias included (:func:`so3_inverse_gf`),
+      the model applies the ReLU, and the next layer reads it (:func:`so3_forward_gf`);
     * ``"pallas"``: the layer returns a :class:`PendingGrid` (its inverse transform short of the
       last matmul, and its bias), and the next layer computes ``M_f relu(M_i h + bias)`` in one
       kernel (:func:`sphere_jax.boundary.fused_boundary`): the grid is never written, and the
