@@ -407,7 +407,6 @@ class SO3ToS2(_SO3Filter):
         k_all = np.arange(-min(self.L_in, self.L_out) + 1, min(self.L_in, self.L_out))  # G: all k
         if gf:
             F, Lc = self._input_coeffs_gf(x, tables, full=False)  # [n >= 0, m, re/im, B, C, l]
-            F = hm.so3_half_to_full_gf(F, m_nonneg=True)  # [n, m >= 0, re/im, B, C, l]: all the layer reads
             b, dk, G = self._kernel(x.shape[3], Lc, tables, k_all)
         else:
             F, Lc, b, dk, G = self._prepare(x, tables, lambda Lc: k_all)
@@ -419,13 +418,35 @@ class SO3ToS2(_SO3Filter):
         norm = (np.sqrt(4 * np.pi / (2 * l + 1)) * (2 * l + 1) / (8 * np.pi**2)).astype(np.float32)
         kappa = kappa * norm[:, None, None, None]
         if gf:  # (re, im)-stacked product; the band-limited inverse needs no padding
-            h = jnp.einsum("nmrbcl,rslncd->sblmd", F, _complex_as_real(kappa))
+            h = self._half_product(F, kappa, Lc)
             out = hm.s2_inverse_half(jax.lax.complex(h[0], h[1]), hm.lookup(tables, hm.s2_key(self.L_out, False)))
             return out + b
         h = jnp.einsum("bnlmc,lncd->blmd", F[:, :, :, Lc - 1 :], kappa)
         h = _pad_end(_pad_end(h, 1, self.L_out), 2, self.L_out)  # [B, l, m >= 0, D]
         out = hm.s2_inverse_half(h, hm.lookup(tables, hm.s2_key(self.L_out, False)))
         return out + b
+
+    @staticmethod
+    def _half_product(F: jax.Array, kappa: jax.Array, Lc: int) -> jax.Array:
+        """``h[l, m] = sum_n F[n, m, l] kappa[l, n]`` over all ``n`` for ``m >= 0``, from the half
+        coefficients ``F [Lc (n >= 0), 2Lc-1 (m), 2, B, C, Lc]`` and ``kappa [l, 2Lc-1 (n), C, D]``
+        (complex) -> ``[2 (re/im), B, Lc (l), Lc (m >= 0), D]``.
+
+        A real signal has ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])``, so the orders ``n < 0`` add
+        ``(-1)^m sum_{n >= 1} conj(F[n, -m]) (-1)^n kappa[-n]``: both sums run over the half
+        coefficients as they are, all ``m``, in one product, and the second is read at ``-m``
+        afterwards (a flip of the small output). Building the full coefficients instead (a
+        concatenation of flipped copies) took 2.9 ms of the 204k's 64 ms H200 step at 565 GB/s.
+        The product costs twice the FLOPs of the full one; it is the layer's smallest part."""
+        kp = kappa[:, Lc - 1 :]  # [l, n >= 0, C, D]
+        sn = ((-1.0) ** np.arange(Lc)).astype(np.float32)
+        sn[0] = 0.0  # n = 0 is in the first sum only
+        kn = kappa[:, Lc - 1 :: -1] * sn[None, :, None, None]  # (-1)^n kappa[-n]
+        conj = np.array([1.0, -1.0], np.float32)[:, None, None, None, None, None]  # conj(F): negate its im row
+        A = jnp.stack([_complex_as_real(kp), conj * _complex_as_real(kn)], axis=1)  # [re/im in, 2, re/im out, l, n, C, D]
+        o = jnp.einsum("nmrbcl,rwslncd->wsblmd", F, A)  # [2, re/im, B, l, m (all), D]
+        sm = ((-1.0) ** np.arange(Lc)).astype(np.float32)[:, None]
+        return o[0, :, :, :, Lc - 1 :] + sm * o[1, :, :, :, Lc - 1 :: -1]
 
 
 def rms_normalize(x: jax.Array, target: float = 1.0, eps: float = 1e-6) -> jax.Array:
