@@ -54,10 +54,11 @@ def make_model(name: str, L_in: int, num_classes: int | None = None) -> tuple[nn
 # Models whose CPU runs train faster data-parallel over the cores split into JAX devices
 # (train.split_cpu, train.make_split_train_step) than on one device using every core inside each
 # operation. Measured 2026-11-28 on 2 cores, batch 32, L = 30, whole training runs of
-# ``experiments.classify`` (300-1,200 steps, 2 devices / 1 device): cnn_cls_250k 0.74x the time
-# (0.81x with two runs sharing the cores); cnn_cls_68k 1.20x, cnn_cls_1m 1.04x, cnn_cls_4m 1.04x
-# (slower: they keep one device). The segmenters gained nothing from an SPMD split and the S2CNNs
-# ran 1.75x slower (results/cpu_cnn/README.md).
+# ``experiments.classify`` (300-1,200 steps, 2 devices / 1 device, with the split step as it is
+# now): cnn_cls_250k 0.68x the time (0.81x with two runs sharing the cores, earlier step);
+# cnn_cls_68k 1.14x, cnn_cls_1m 0.96x (noise), cnn_cls_4m 1.04x: they keep one device. CNN-218k
+# at L = 50 took 0.97x per split step (noise), and the S2CNNs ran 1.75x slower on an SPMD split
+# (results/cpu_cnn/README.md).
 CPU_SPLIT = frozenset({"cnn_cls_250k"})
 
 
