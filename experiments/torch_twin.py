@@ -197,8 +197,9 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
 
     ``variants``: comma-separated extra JAX contenders: values of
     :data:`sphere_jax.models.conv_cpu.FORMULATION` (e.g. ``"conv"``: every layer as before the
-    per-shape plan), or ``"one_device"`` (the library's formulation on one device, all cores used
-    within each operation). Ours is always ``"jax"`` (the library default, over every CPU device
+    per-shape plan), ``"one_device"`` (the library's formulation on one device, all cores used
+    within each operation), or ``"with_ynn"`` (the programs compiled by plain ``jax.jit``, with
+    YNNPACK fusions and padded convolutions, as before :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every CPU device
     of the process). Adds ``devices``: that count.
     """
     import jax
@@ -216,8 +217,12 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
         # ours as a run trains: data-parallel over this process's CPU devices (main() splits the
         # cores as the entry points do, registry.cpu_devices); "one_device": the same on one device
         mesh = train.make_mesh(jax.devices()[:1] if how == "one_device" else jax.devices())
-        how = conv_cpu.FORMULATION if how == "one_device" else how
+        with_ynn = how == "with_ynn"
+        how = conv_cpu.FORMULATION if how in ("one_device", "with_ynn") else how
         old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
+        old_choice = cnn.compiles_without_ynn
+        if with_ynn:  # read when the programs are made (train.jit_for)
+            cnn.compiles_without_ynn = lambda model: False
         jm = cnn.make_cnn(name)
         params = jm.init(jax.random.key(0), xj[:1])["params"]
         state = train.TrainState.create(jax.tree.map(np.array, params), optax.adam(1e-3))  # own buffers: donated
@@ -241,6 +246,7 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
             j_train(), j_infer()  # compile now, under this formulation
         finally:
             conv_cpu.FORMULATION = old
+            cnn.compiles_without_ynn = old_choice
         contenders[who] = (j_train, j_infer)
     for train_fn, infer_fn in contenders.values():  # warm-up
         train_fn(), infer_fn(), train_fn(), infer_fn()

@@ -456,14 +456,14 @@ class TrainLoop:
             params, model_state = train.split_variables(init(key, x[:1], self.tables))
             return train.TrainState.create(params, tx, model_state)
 
-        step = train.make_train_step(model, task)
         if members:
             states = [state_of(key) for key in jax.random.split(k, members)]
             self.state = train.stack_trees(states)
             self.x, self.y = jnp.stack([x] * members), jnp.stack([y] * members)
-            self.step = jax.jit(jax.vmap(step, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+            self.step = train.jit_for(model, jax.vmap(train._train_step(model, task), in_axes=(0, None, 0, 0)),
+                                      donate_argnums=(0,))
         else:
-            self.state, self.x, self.y, self.step = state_of(k), x, y, step
+            self.state, self.x, self.y, self.step = state_of(k), x, y, train.make_train_step(model, task)
         if warmup:
             self.run(warmup)
 

@@ -58,8 +58,9 @@ def _modes(pairs):
     """Every kernel in each formulation ("conv": XLA convolutions / space-to-depth, "patches": one
     matmul of the patches, "taps": k*k tap matmuls); strided pairs also with a 1-sample batch
     loop in the tap weight gradient (the fori_loop path). The per-shape choice ("auto") is
-    exercised by the whole-model tests."""
-    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "patches") + (("taps", "chunk1") if s > 1 else ())
+    exercised by the whole-model tests. "valid": the "conv" formulation compiled as the CNN
+    segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded convolutions)."""
+    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "valid", "patches") + (("taps", "chunk1") if s > 1 else ())
     return [(k, s, m) for k, s in pairs for m in modes(k, s)]
 
 
@@ -70,7 +71,8 @@ def chunked(monkeypatch):
             monkeypatch.setattr(fc, "FORMULATION", "conv")
             monkeypatch.setattr(fc, "WGRAD_CHUNK_ELEMS", 1)
         elif mode != "auto":
-            monkeypatch.setattr(fc, "FORMULATION", mode)
+            monkeypatch.setattr(fc, "FORMULATION", "conv" if mode == "valid" else mode)
+        return fc.jit if mode == "valid" else jax.jit
     return set_mode
 
 
@@ -93,7 +95,7 @@ def test_plan_picks_by_shape(monkeypatch):
 
 @pytest.mark.parametrize("k,s,mode", _modes(PAIRS))
 def test_conv2d_forward_and_grads(k, s, mode, chunked):
-    chunked(mode)
+    jit = chunked(mode)
     rng = np.random.default_rng(k * 10 + s)
     for H, W in _sizes(k, s):
         x = _rand(rng, (2, H, W, 3))
@@ -101,20 +103,20 @@ def test_conv2d_forward_and_grads(k, s, mode, chunked):
         b = _rand(rng, (4,))
         y0 = _ref_conv(x, w, b, s)
         ct = _rand(rng, y0.shape)
-        y1 = jax.jit(lambda x, w, b: fc.conv2d(x, w, b, s))(x, w, b)
+        y1 = jit(lambda x, w, b: fc.conv2d(x, w, b, s))(x, w, b)
         assert y1.shape == y0.shape
         e = rel(y1, y0); assert e < TOL
         loss0 = lambda x, w, b: jnp.sum(_ref_conv(x, w, b, s) * ct)
         loss1 = lambda x, w, b: jnp.sum(fc.conv2d(x, w, b, s) * ct)
         g0 = jax.grad(loss0, argnums=(0, 1, 2))(x, w, b)
-        g1 = jax.jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
+        g1 = jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
         for name, a, r in zip(("dx", "dw", "db"), g1, g0):
             e = rel(a, r); assert e < TOL, (k, s, H, W, name, e)
 
 
 @pytest.mark.parametrize("k,s,mode", _modes([p for p in PAIRS if p[0] > 1]))
 def test_conv_transpose2d_forward_and_grads(k, s, mode, chunked):
-    chunked(mode)
+    jit = chunked(mode)
     rng = np.random.default_rng(100 + k * 10 + s)
     for H, W in _sizes(k, s):
         h, w_ = (H - k) // s + 1, (W - k) // s + 1  # encoder output size -> decoder input size
@@ -124,12 +126,12 @@ def test_conv_transpose2d_forward_and_grads(k, s, mode, chunked):
         y0 = _ref_convT(x, w, b, s, (H, W))
         assert y0.shape == (2, H, W, 3)
         ct = _rand(rng, y0.shape)
-        y1 = jax.jit(lambda x, w, b: fc.conv_transpose2d(x, w, b, s, (H, W)))(x, w, b)
+        y1 = jit(lambda x, w, b: fc.conv_transpose2d(x, w, b, s, (H, W)))(x, w, b)
         e = rel(y1, y0); assert e < TOL
         loss0 = lambda x, w, b: jnp.sum(_ref_convT(x, w, b, s, (H, W)) * ct)
         loss1 = lambda x, w, b: jnp.sum(fc.conv_transpose2d(x, w, b, s, (H, W)) * ct)
         g0 = jax.grad(loss0, argnums=(0, 1, 2))(x, w, b)
-        g1 = jax.jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
+        g1 = jit(jax.grad(loss1, argnums=(0, 1, 2)))(x, w, b)
         for name, a, r in zip(("dx", "dw", "db"), g1, g0):
             e = rel(a, r); assert e < TOL, (k, s, H, W, name, e)
 
@@ -215,3 +217,34 @@ def test_auto_picks_the_cpu_path_on_cpu_and_the_environment_overrides(monkeypatc
     monkeypatch.setenv("SPHERE_JAX_CNN_CONV", "fast")
     with pytest.raises(ValueError, match="unknown CNN convolution implementation 'fast'"):
         cnn.resolve_conv_impl("auto")
+
+
+def test_segmenter_programs_compile_without_ynn():
+    """A CNN segmenter's programs on the CPU path (train.jit_for -> conv_cpu.jit) compile without
+    YNNPACK fusions and with unpadded stride-1 convolutions; plain jax.jit of the same step has
+    YNNPACK fusions (jaxlib 0.10.2) and the wide padding (window pad 0_0x0_k). Same loss (bound
+    1e-5; measured 1e-6 at band-limit 50). Classifiers, S2CNNs and the lax path keep jax.jit."""
+    import optax
+
+    from sphere_jax import train
+    from sphere_jax.models import registry
+
+    model, task = registry.make_model("cnn_218k", L_in=12)
+    assert cnn.compiles_without_ynn(model)
+    assert not cnn.compiles_without_ynn(dataclasses.replace(model, conv_impl="lax"))
+    assert not cnn.compiles_without_ynn(registry.make_model("cnn_cls_68k", L_in=12)[0])
+    assert not cnn.compiles_without_ynn(registry.make_model("s2cnn_cls", L_in=12)[0])
+    rng = np.random.default_rng(7)
+    x = _rand(rng, (2, 24, 23, 1))
+    y = jnp.asarray(rng.integers(0, 11, (2, 24, 23)), jnp.int32)
+    params, model_state = train.split_variables(model.init(jax.random.key(0), x, None))
+    state = train.TrainState.create(params, optax.adam(1e-3), model_state)
+    plain = jax.jit(train._train_step(model, task)).lower(state, None, x, y).compile()
+    ours = train.make_train_step(model, task).lower(state, None, x, y).compile()
+    wide = lambda text: sum("pad=0_0x0_" in line for line in text.splitlines() if " convolution(" in line)
+    assert "ynn_fusion" in plain.as_text() and wide(plain.as_text()) >= 4
+    assert "ynn_fusion" not in ours.as_text() and wide(ours.as_text()) == 0
+    assert "ynn_fusion" not in train.make_predict(model).lower({"params": params}, None, x).compile().as_text()
+    l0 = float(plain(jax.tree_util.tree_map(jnp.copy, state), None, x, y)[1])
+    l1 = float(ours(jax.tree_util.tree_map(jnp.copy, state), None, x, y)[1])
+    assert abs(l1 - l0) < 1e-5 * abs(l0)

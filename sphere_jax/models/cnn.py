@@ -54,6 +54,7 @@ __all__ = [
     "conv_sizes",
     "min_input_size",
     "resolve_conv_impl",
+    "compiles_without_ynn",
 ]
 
 
@@ -143,6 +144,13 @@ def resolve_conv_impl(requested: str = "auto") -> str:
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"unknown CNN convolution implementation {impl!r}; choose one of {CONV_IMPLS}")
     return impl
+
+
+def compiles_without_ynn(model) -> bool:
+    """Whether ``model``'s programs compile with :func:`conv_cpu.jit` (XLA:CPU without YNNPACK
+    fusions, unpadded convolutions): a :class:`CNNSegmenter` on the CPU path. The classifiers
+    keep YNNPACK, which runs their patch and tap matmuls (results/cpu_cnn/README.md)."""
+    return isinstance(model, CNNSegmenter) and resolve_conv_impl(model.conv_impl) == "cpu"
 
 
 class _CpuConv(nn.Module):

@@ -10,7 +10,8 @@ default (7-13x slower than the formulation below); YNNPACK also runs the forward
 Every layer is built from three kernels, each a fast operation on XLA:CPU:
 
 * ``_fwd``: VALID convolution. Stride 1: one ``lax.conv_general_dilated`` padded by ``k`` zero
-  columns on the right, then cropped (the wider-than-input output keeps the conv on Eigen).
+  columns on the right, then cropped (the wider-than-input output keeps the conv on Eigen;
+  unpadded in programs compiled without YNNPACK, :func:`jit`).
   Stride ``s > 1``: the same on the space-to-depth input (stride-1 conv, kernel ``ceil(k/s)``,
   ``s*s*Cin`` channels); or, where the shape favours it (``_plan``), one matmul of the
   patches with the exact taps, or ``k*k`` tap matmuls summed;
@@ -19,7 +20,7 @@ Every layer is built from three kernels, each a fast operation on XLA:CPU:
   once (sub-kernels stacked on the output channels), then depth-to-space; or (``_plan``) one
   matmul followed by ``k*k`` strided pad-adds;
 * ``_wgrad``: the weight gradient. Stride 1: XLA's own formulation (batch contracted, the
-  cotangent as the kernel), padded to stay on Eigen. Stride ``s > 1``: ``k*k`` tap matmuls
+  cotangent as the kernel), padded to stay on Eigen (unpadded under :func:`jit`). Stride ``s > 1``: ``k*k`` tap matmuls
   ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks (also at stride 1 on small images), or
   (one input channel) one matmul over the patches.
 
@@ -31,13 +32,18 @@ the CPU backend only (``conv_impl="auto"``); on GPU the plain ``lax`` convolutio
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "dense_1x1"]
+__all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "dense_1x1", "jit", "valid_convs",
+           "WITHOUT_YNN"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -50,6 +56,48 @@ FORMULATION = "auto"  # "auto" | "conv" | "patches" | "taps"
 # Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
 # batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
 WGRAD_CHUNK_ELEMS = 6000  # target B_chunk * Ho * Wo per iteration
+
+
+# XLA:CPU options of a program traced under valid_convs(): no YNNPACK fusions, so that a VALID
+# convolution runs on Eigen without the padding below (see :func:`jit`).
+WITHOUT_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_valid_convs = contextvars.ContextVar("sphere_jax_valid_convs", default=False)
+
+
+@contextlib.contextmanager
+def valid_convs():
+    """Within this context the stride-1 convolutions and their weight gradients are traced
+    ``VALID``, without the padding that keeps them off YNNPACK. Only for programs compiled with
+    :data:`WITHOUT_YNN` (:func:`jit` does both): XLA hands an unpadded convolution with more than
+    16 channels to YNNPACK otherwise, where it ran 2-6x slower (jaxlib 0.10.2, 2 cores)."""
+    token = _valid_convs.set(True)
+    try:
+        yield
+    finally:
+        _valid_convs.reset(token)
+
+
+def jit(fn, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` compiled with :data:`WITHOUT_YNN` and traced under
+    :func:`valid_convs`: the CNN segmenters' programs on the CPU.
+
+    Why: the padding that keeps a convolution on Eigen under YNNPACK fusions costs ``k`` extra
+    output columns and a crop per stride-1 kernel. Without YNNPACK the unpadded convolution runs
+    on Eigen: 10-17 % faster forward kernels and 5-10 % faster weight gradients on the study's
+    segmenters' layers; whole training steps at band-limit 50, batch 32, 0.93 (CNN-218k), 0.95
+    (CNN-1M), 0.97 (CNN-5.5M) of the padded ones, inference 0.90-0.93 (2 cores, paired rounds,
+    results/cpu_cnn/README.md). The classifiers lose without YNNPACK (their patch and tap
+    matmuls run there: 1.00-1.15x), so they keep :func:`jax.jit`.
+
+    Do not call the result inside another ``jax.jit``: the outer program's options apply, and
+    the unpadded convolutions would run on YNNPACK."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with valid_convs():
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, compiler_options=WITHOUT_YNN, **jit_kwargs)
 
 
 def _out(n: int, k: int, s: int) -> int:
@@ -111,13 +159,14 @@ def _patches(x, k, s):
     return jnp.concatenate([_tap(x, a, b, s, Ho, Wo) for a in range(k) for b in range(k)], axis=-1)
 
 
-def _fwd(x, w, s):
+def _fwd(x, w, s, valid=False):
     """VALID conv, stride s: x [B,H,W,Ci], w [k,k,Ci,Co] -> [B,Ho,Wo,Co].
 
     Stride 1: one Eigen convolution, padded by k zero columns on the right and cropped. The
     padding makes the output wider than the input, and XLA then does not hand the conv to
     YNNPACK (``IsConvolutionOpSupportedByYnn``), whose convs ran 1.3-3x slower than Eigen's
-    on these shapes (jaxlib 0.10.2, 2 cores). Stride s > 1: a stride-1 conv of the
+    on these shapes (jaxlib 0.10.2, 2 cores); under :func:`valid_convs` (a program without
+    YNNPACK) the conv is unpadded. Stride s > 1: a stride-1 conv of the
     space-to-depth input with the kernel split into ceil(k/s)^2 taps of s*s*Ci channels. Or
     (``_plan``) one matmul of the patches with the exact k*k taps, or k*k tap matmuls summed.
     """
@@ -130,13 +179,15 @@ def _fwd(x, w, s):
         return sum(jnp.dot(_tap(x, a, b, s, Ho, Wo), w[a, b], precision=lax.Precision.HIGHEST)
                    for a in range(k) for b in range(k))
     if s > 1:
-        return _fwd_s2d(x, w, s)
+        return _fwd_s2d(x, w, s, valid)
+    if valid:
+        return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN, precision=lax.Precision.HIGHEST)
     y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
                                  precision=lax.Precision.HIGHEST)
     return y[:, :, :Wo]
 
 
-def _fwd_s2d(x, w, s):
+def _fwd_s2d(x, w, s, valid=False):
     """Stride-s VALID conv as a stride-1 conv of the space-to-depth input (kernel ceil(k/s))."""
     k, _, ci, co = w.shape
     B, H, W, _ = x.shape
@@ -148,7 +199,7 @@ def _fwd_s2d(x, w, s):
     xs = x.reshape(B, H2, s, W2, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(B, H2, W2, s * s * ci)
     wp = jnp.pad(w, ((0, K * s - k), (0, K * s - k), (0, 0), (0, 0)))
     ws = wp.reshape(K, s, K, s, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(K, K, s * s * ci, co)
-    return _fwd(xs, ws, 1)
+    return _fwd(xs, ws, 1, valid)
 
 
 def _adj(dy, w, s, hw):
@@ -200,13 +251,13 @@ def _chunk(B: int, per_sample: int) -> int:
     return max(d for d in range(1, B + 1) if B % d == 0 and d <= target)
 
 
-def _wgrad(x, dy, k, s):
+def _wgrad(x, dy, k, s, valid=False):
     """Weight gradient of ``_fwd``: x [B,H,W,Ci], dy [B,Ho,Wo,Co] -> [k,k,Ci,Co].
 
     Stride 1: one Eigen convolution with batch and features swapped (the formulation of XLA's
     own autodiff: lhs x as [Ci | H, W | B], kernel dy as [H_o, W_o | B -> Co]), with dy padded
     by zero columns to W+1 so that the kernel is wider than the input and XLA keeps the conv
-    off YNNPACK (7-13x slower there). Stride s > 1: ``_wgrad_taps``. Or (``_plan``) the tap
+    off YNNPACK (7-13x slower there); unpadded under :func:`valid_convs`. Stride s > 1: ``_wgrad_taps``. Or (``_plan``) the tap
     matmuls at stride 1 too, or one matmul over the patches.
     """
     how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s)["wgrad"]
@@ -218,7 +269,7 @@ def _wgrad(x, dy, k, s):
         return _wgrad_taps(x, dy, k, s)
     B, H, W, ci = x.shape
     _, Ho, Wo, co = dy.shape
-    padw = W + 1 - Wo
+    padw = 0 if valid else W + 1 - Wo
     dyp = jnp.pad(dy, ((0, 0), (0, 0), (0, padw), (0, 0)))
     g = lax.conv_general_dilated(x, dyp, (1, 1), ((0, 0), (0, padw)),
                                  dimension_numbers=("CHWN", "IHWO", "NHWC"),
@@ -256,36 +307,38 @@ def _wgrad_taps(x, dy, k, s):
 # --------------------------------------------------------------------------- custom-vjp ops
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_op(x, w, s):
-    return _fwd(x, w, s)
+# ``valid`` (:func:`valid_convs`, read where the op is called) is an argument, not read inside:
+# JAX caches the traces of these functions by their arguments.
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_op(x, w, s, valid):
+    return _fwd(x, w, s, valid)
 
 
-def _conv_op_fwd(x, w, s):
-    return _fwd(x, w, s), (x, w)
+def _conv_op_fwd(x, w, s, valid):
+    return _fwd(x, w, s, valid), (x, w)
 
 
-def _conv_op_bwd(s, res, g):
+def _conv_op_bwd(s, valid, res, g):
     x, w = res
-    return _adj(g, w, s, x.shape[1:3]), _wgrad(x, g, w.shape[0], s)
+    return _adj(g, w, s, x.shape[1:3]), _wgrad(x, g, w.shape[0], s, valid)
 
 
 _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _adj_op(x, wc, s, hw):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _adj_op(x, wc, s, hw, valid):
     """x [B,h,w,Co'] -> [B,H,W,Ci']: the transpose of the VALID conv with weight wc [k,k,Ci',Co']."""
     return _adj(x, wc, s, hw)
 
 
-def _adj_op_fwd(x, wc, s, hw):
+def _adj_op_fwd(x, wc, s, hw, valid):
     return _adj(x, wc, s, hw), (x, wc)
 
 
-def _adj_op_bwd(s, hw, res, g):
+def _adj_op_bwd(s, hw, valid, res, g):
     x, wc = res
-    return _fwd(g, wc, s), _wgrad(g, x, wc.shape[0], s)
+    return _fwd(g, wc, s, valid), _wgrad(g, x, wc.shape[0], s, valid)
 
 
 _adj_op.defvjp(_adj_op_fwd, _adj_op_bwd)
@@ -308,7 +361,7 @@ def conv2d(x, w, b, stride: int):
     if k == 1:
         y = dense_1x1(x[:, ::s, ::s] if s > 1 else x, w)
     else:
-        y = _conv_op(x, w, s)
+        y = _conv_op(x, w, s, _valid_convs.get())
     return y if b is None else y + b
 
 
@@ -334,7 +387,7 @@ def conv_transpose2d(x, w, b, stride: int, out_hw):
             raise ValueError(f"conv_transpose2d: out_hw {out_hw} unreachable from input {x.shape} "
                              f"with kernel {k}, stride {s}")
     wc = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Cout,Cin]: conv weight of the adjoint
-    y = _adj_op(x, wc, s, (H, W))
+    y = _adj_op(x, wc, s, (H, W), _valid_convs.get())
     return y if b is None else y + b
 
 
