@@ -199,7 +199,7 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     :data:`sphere_jax.models.conv_cpu.FORMULATION` (e.g. ``"conv"``: every layer as before the
     per-shape plan), ``"one_device"`` (the library's formulation on one device, all cores used
     within each operation), or ``"with_ynn"`` (the programs compiled by plain ``jax.jit``, with
-    YNNPACK fusions and padded convolutions, as before :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every CPU device
+    XLA's default YNNPACK fusions and padded convolutions, as before :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every CPU device
     of the process). Adds ``devices``: that count.
     """
     import jax
@@ -220,9 +220,9 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
         with_ynn = how == "with_ynn"
         how = conv_cpu.FORMULATION if how in ("one_device", "with_ynn") else how
         old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
-        old_choice = cnn.compiles_without_ynn
+        old_choice = cnn.cpu_ynn_fusions
         if with_ynn:  # read when the programs are made (train.jit_for)
-            cnn.compiles_without_ynn = lambda model: False
+            cnn.cpu_ynn_fusions = lambda model: None
         jm = cnn.make_cnn(name)
         params = jm.init(jax.random.key(0), xj[:1])["params"]
         state = train.TrainState.create(jax.tree.map(np.array, params), optax.adam(1e-3))  # own buffers: donated
@@ -246,7 +246,7 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
             j_train(), j_infer()  # compile now, under this formulation
         finally:
             conv_cpu.FORMULATION = old
-            cnn.compiles_without_ynn = old_choice
+            cnn.cpu_ynn_fusions = old_choice
         contenders[who] = (j_train, j_infer)
     for train_fn, infer_fn in contenders.values():  # warm-up
         train_fn(), infer_fn(), train_fn(), infer_fn()

@@ -176,13 +176,15 @@ def _train_step(model: nn.Module, task: Task) -> Callable:
 
 
 def jit_for(model: nn.Module, fn: Callable, **jit_kwargs) -> Callable:
-    """``jax.jit(fn, **jit_kwargs)`` for a program that runs ``model``. A CNN segmenter on the
-    CPU path compiles without YNNPACK fusions and traces its convolutions unpadded
-    (:func:`sphere_jax.models.conv_cpu.jit`: 0.90-0.97x the time on 2 cores); every other model
-    gets plain ``jax.jit``. The programs below are made with it; call the result directly, not
-    inside another ``jax.jit`` (whose compiler options would apply)."""
-    if cnn.compiles_without_ynn(model):
-        return conv_cpu.jit(fn, **jit_kwargs)
+    """``jax.jit(fn, **jit_kwargs)`` for a program that runs ``model``. A CNN on the CPU path
+    compiles without YNNPACK's convolutions (segmenters: without YNNPACK at all) and traces its
+    convolutions unpadded (:func:`sphere_jax.models.conv_cpu.jit`, :func:`cnn.cpu_ynn_fusions`:
+    0.85-0.98x the time on 2 cores); every other model gets plain ``jax.jit``. The programs
+    below are made with it; call the result directly, not inside another ``jax.jit`` (whose
+    compiler options would apply)."""
+    ynn = cnn.cpu_ynn_fusions(model)
+    if ynn is not None:
+        return conv_cpu.jit(fn, ynn, **jit_kwargs)
     return jax.jit(fn, **jit_kwargs)
 
 

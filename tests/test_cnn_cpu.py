@@ -54,13 +54,16 @@ def _rand(rng, shape, relu=False):
     return jnp.asarray(a)
 
 
-def _modes(pairs):
+def _modes(pairs, classifiers=False):
     """Every kernel in each formulation ("conv": XLA convolutions / space-to-depth, "patches": one
     matmul of the patches, "taps": k*k tap matmuls); strided pairs also with a 1-sample batch
     loop in the tap weight gradient (the fori_loop path). The per-shape choice ("auto") is
     exercised by the whole-model tests. "valid": the "conv" formulation compiled as the CNN
-    segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded convolutions)."""
-    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "valid", "patches") + (("taps", "chunk1") if s > 1 else ())
+    segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded convolutions); with
+    ``classifiers``, also "valid_dots", as the classifiers' programs are (YNNPACK's dots and
+    reductions, unpadded convolutions)."""
+    extra = ("valid_dots",) if classifiers else ()
+    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "valid", *extra, "patches") + (("taps", "chunk1") if s > 1 else ())
     return [(k, s, m) for k, s in pairs for m in modes(k, s)]
 
 
@@ -71,7 +74,9 @@ def chunked(monkeypatch):
             monkeypatch.setattr(fc, "FORMULATION", "conv")
             monkeypatch.setattr(fc, "WGRAD_CHUNK_ELEMS", 1)
         elif mode != "auto":
-            monkeypatch.setattr(fc, "FORMULATION", "conv" if mode == "valid" else mode)
+            monkeypatch.setattr(fc, "FORMULATION", "conv" if mode.startswith("valid") else mode)
+        if mode == "valid_dots":
+            return lambda fn: fc.jit(fn, fc.YNN_DOTS_AND_REDUCES)
         return fc.jit if mode == "valid" else jax.jit
     return set_mode
 
@@ -93,7 +98,7 @@ def test_plan_picks_by_shape(monkeypatch):
         p(1, 1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("k,s,mode", _modes(PAIRS))
+@pytest.mark.parametrize("k,s,mode", _modes(PAIRS, classifiers=True))
 def test_conv2d_forward_and_grads(k, s, mode, chunked):
     jit = chunked(mode)
     rng = np.random.default_rng(k * 10 + s)
@@ -219,32 +224,53 @@ def test_auto_picks_the_cpu_path_on_cpu_and_the_environment_overrides(monkeypatc
         cnn.resolve_conv_impl("auto")
 
 
-def test_segmenter_programs_compile_without_ynn():
-    """A CNN segmenter's programs on the CPU path (train.jit_for -> conv_cpu.jit) compile without
-    YNNPACK fusions and with unpadded stride-1 convolutions; plain jax.jit of the same step has
-    YNNPACK fusions (jaxlib 0.10.2) and the wide padding (window pad 0_0x0_k). Same loss (bound
-    1e-5; measured 1e-6 at band-limit 50). Classifiers, S2CNNs and the lax path keep jax.jit."""
+def _step_programs(name, L, x, y):
+    """The training step of ``name`` compiled by plain jax.jit and by train.make_train_step."""
     import optax
 
     from sphere_jax import train
     from sphere_jax.models import registry
 
-    model, task = registry.make_model("cnn_218k", L_in=12)
-    assert cnn.compiles_without_ynn(model)
-    assert not cnn.compiles_without_ynn(dataclasses.replace(model, conv_impl="lax"))
-    assert not cnn.compiles_without_ynn(registry.make_model("cnn_cls_68k", L_in=12)[0])
-    assert not cnn.compiles_without_ynn(registry.make_model("s2cnn_cls", L_in=12)[0])
-    rng = np.random.default_rng(7)
-    x = _rand(rng, (2, 24, 23, 1))
-    y = jnp.asarray(rng.integers(0, 11, (2, 24, 23)), jnp.int32)
+    model, task = registry.make_model(name, L_in=L)
     params, model_state = train.split_variables(model.init(jax.random.key(0), x, None))
     state = train.TrainState.create(params, optax.adam(1e-3), model_state)
     plain = jax.jit(train._train_step(model, task)).lower(state, None, x, y).compile()
     ours = train.make_train_step(model, task).lower(state, None, x, y).compile()
-    wide = lambda text: sum("pad=0_0x0_" in line for line in text.splitlines() if " convolution(" in line)
-    assert "ynn_fusion" in plain.as_text() and wide(plain.as_text()) >= 4
-    assert "ynn_fusion" not in ours.as_text() and wide(ours.as_text()) == 0
-    assert "ynn_fusion" not in train.make_predict(model).lower({"params": params}, None, x).compile().as_text()
+    predict = train.make_predict(model).lower({"params": params}, None, x).compile()
     l0 = float(plain(jax.tree_util.tree_map(jnp.copy, state), None, x, y)[1])
     l1 = float(ours(jax.tree_util.tree_map(jnp.copy, state), None, x, y)[1])
+    return model, plain.as_text(), ours.as_text(), predict.as_text(), l0, l1
+
+
+def _padded_convs(text):
+    """Convolutions padded on the right only (conv_cpu's padding against YNNPACK: pad=0_0x0_k)."""
+    return sum("pad=0_0x0_" in line for line in text.splitlines() if " convolution(" in line)
+
+
+def test_cnn_programs_compile_without_ynn_convolutions():
+    """The CNNs' programs on the CPU path (train.jit_for -> conv_cpu.jit) compile without
+    YNNPACK's convolutions and with unpadded stride-1 convolutions: the segmenters without any
+    YNNPACK fusion, the classifiers with YNNPACK's dots and reductions. Plain jax.jit of the same
+    step has YNNPACK fusions (jaxlib 0.10.2) and the padding (window pad 0_0x0_k). Same loss
+    (bound 1e-5 relative; measured 1e-6 at band-limit 50). S2CNNs and the lax path keep jax.jit."""
+    from sphere_jax.models import registry
+
+    assert cnn.cpu_ynn_fusions(registry.make_model("s2cnn_cls", L_in=12)[0]) is None
+    rng = np.random.default_rng(7)
+    x = _rand(rng, (2, 24, 23, 1))
+    y = jnp.asarray(rng.integers(0, 11, (2, 24, 23)), jnp.int32)
+    model, plain, ours, predict, l0, l1 = _step_programs("cnn_218k", 12, x, y)
+    assert cnn.cpu_ynn_fusions(model) == fc.YNN_NONE
+    assert cnn.cpu_ynn_fusions(dataclasses.replace(model, conv_impl="lax")) is None
+    assert "ynn_fusion" in plain and _padded_convs(plain) >= 4
+    assert "ynn_fusion" not in ours and _padded_convs(ours) == 0
+    assert "ynn_fusion" not in predict and _padded_convs(predict) == 0
+    assert abs(l1 - l0) < 1e-5 * abs(l0)
+
+    x = _rand(rng, (4, 60, 59, 1))
+    y = jnp.asarray(rng.integers(0, 10, (4,)), jnp.int32)
+    model, plain, ours, predict, l0, l1 = _step_programs("cnn_cls_250k", 30, x, y)
+    assert cnn.cpu_ynn_fusions(model) == fc.YNN_DOTS_AND_REDUCES
+    assert _padded_convs(plain) >= 2
+    assert "ynn_fusion" in ours and _padded_convs(ours) == 0 and _padded_convs(predict) == 0
     assert abs(l1 - l0) < 1e-5 * abs(l0)

@@ -54,7 +54,7 @@ __all__ = [
     "conv_sizes",
     "min_input_size",
     "resolve_conv_impl",
-    "compiles_without_ynn",
+    "cpu_ynn_fusions",
 ]
 
 
@@ -146,11 +146,15 @@ def resolve_conv_impl(requested: str = "auto") -> str:
     return impl
 
 
-def compiles_without_ynn(model) -> bool:
-    """Whether ``model``'s programs compile with :func:`conv_cpu.jit` (XLA:CPU without YNNPACK
-    fusions, unpadded convolutions): a :class:`CNNSegmenter` on the CPU path. The classifiers
-    keep YNNPACK, which runs their patch and tap matmuls (results/cpu_cnn/README.md)."""
-    return isinstance(model, CNNSegmenter) and resolve_conv_impl(model.conv_impl) == "cpu"
+def cpu_ynn_fusions(model) -> str | None:
+    """The YNNPACK fusion types that ``model``'s programs compile with on the CPU path
+    (:func:`conv_cpu.jit`, unpadded convolutions), or ``None`` (plain ``jax.jit``: not a CNN, or
+    the ``lax`` path). Measured per family (results/cpu_cnn/README.md): the segmenters run best
+    with none (:data:`conv_cpu.YNN_NONE`), the classifiers with YNNPACK's dots and reductions
+    (:data:`conv_cpu.YNN_DOTS_AND_REDUCES`), which run their patch and tap matmuls."""
+    if isinstance(model, (CNNSegmenter, CNNClassifier)) and resolve_conv_impl(model.conv_impl) == "cpu":
+        return conv_cpu.YNN_NONE if isinstance(model, CNNSegmenter) else conv_cpu.YNN_DOTS_AND_REDUCES
+    return None
 
 
 class _CpuConv(nn.Module):

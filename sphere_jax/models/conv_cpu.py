@@ -11,7 +11,7 @@ Every layer is built from three kernels, each a fast operation on XLA:CPU:
 
 * ``_fwd``: VALID convolution. Stride 1: one ``lax.conv_general_dilated`` padded by ``k`` zero
   columns on the right, then cropped (the wider-than-input output keeps the conv on Eigen;
-  unpadded in programs compiled without YNNPACK, :func:`jit`).
+  unpadded in programs compiled without YNNPACK convolutions, :func:`jit`).
   Stride ``s > 1``: the same on the space-to-depth input (stride-1 conv, kernel ``ceil(k/s)``,
   ``s*s*Cin`` channels); or, where the shape favours it (``_plan``), one matmul of the
   patches with the exact taps, or ``k*k`` tap matmuls summed;
@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "dense_1x1", "jit", "valid_convs",
-           "WITHOUT_YNN"]
+           "YNN_NONE", "YNN_DOTS_AND_REDUCES"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -58,9 +58,12 @@ FORMULATION = "auto"  # "auto" | "conv" | "patches" | "taps"
 WGRAD_CHUNK_ELEMS = 6000  # target B_chunk * Ho * Wo per iteration
 
 
-# XLA:CPU options of a program traced under valid_convs(): no YNNPACK fusions, so that a VALID
-# convolution runs on Eigen without the padding below (see :func:`jit`).
-WITHOUT_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# YNNPACK fusion types (XLA:CPU option ``xla_cpu_experimental_ynn_fusion_type``) of programs
+# traced under valid_convs(): none at all (the segmenters), or dots and reductions only (the
+# classifiers, whose patch and tap matmuls and reductions run faster there). Neither hands a
+# convolution to YNNPACK, so the convolutions can run unpadded on Eigen (see :func:`jit`).
+YNN_NONE = ""
+YNN_DOTS_AND_REDUCES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 _valid_convs = contextvars.ContextVar("sphere_jax_valid_convs", default=False)
 
 
@@ -68,8 +71,8 @@ _valid_convs = contextvars.ContextVar("sphere_jax_valid_convs", default=False)
 def valid_convs():
     """Within this context the stride-1 convolutions and their weight gradients are traced
     ``VALID``, without the padding that keeps them off YNNPACK. Only for programs compiled with
-    :data:`WITHOUT_YNN` (:func:`jit` does both): XLA hands an unpadded convolution with more than
-    16 channels to YNNPACK otherwise, where it ran 2-6x slower (jaxlib 0.10.2, 2 cores)."""
+    YNNPACK convolutions off (:func:`jit` does both): XLA hands an unpadded convolution with more
+    than 16 channels to YNNPACK otherwise, where it ran 2-6x slower (jaxlib 0.10.2, 2 cores)."""
     token = _valid_convs.set(True)
     try:
         yield
@@ -77,27 +80,42 @@ def valid_convs():
         _valid_convs.reset(token)
 
 
-def jit(fn, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs)`` compiled with :data:`WITHOUT_YNN` and traced under
-    :func:`valid_convs`: the CNN segmenters' programs on the CPU.
+@functools.lru_cache(maxsize=None)
+def _ynn_option_works(ynn: str) -> bool:
+    """Whether this jaxlib compiles a program with ``xla_cpu_experimental_ynn_fusion_type=ynn``."""
+    try:
+        jax.jit(lambda a: a + 1, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ynn}).lower(
+            np.float32(0)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - an unknown option or value: keep XLA's defaults
+        return False
 
-    Why: the padding that keeps a convolution on Eigen under YNNPACK fusions costs ``k`` extra
-    output columns and a crop per stride-1 kernel. Without YNNPACK the unpadded convolution runs
-    on Eigen: 10-17 % faster forward kernels and 5-10 % faster weight gradients on the study's
-    segmenters' layers; whole training steps at band-limit 50, batch 32, 0.93 (CNN-218k), 0.95
-    (CNN-1M), 0.97 (CNN-5.5M) of the padded ones, inference 0.90-0.93 (2 cores, paired rounds,
-    results/cpu_cnn/README.md). The classifiers lose without YNNPACK (their patch and tap
-    matmuls run there: 1.00-1.15x), so they keep :func:`jax.jit`.
+
+def jit(fn, ynn: str = YNN_NONE, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` compiled with the YNNPACK fusion types ``ynn`` (no
+    convolutions: :data:`YNN_NONE` or :data:`YNN_DOTS_AND_REDUCES`) and traced under
+    :func:`valid_convs`: the CNNs' programs on the CPU (:func:`sphere_jax.train.jit_for`). A
+    jaxlib without that option gets plain ``jax.jit`` and the padded convolutions.
+
+    Why: the padding that keeps a convolution on Eigen under YNNPACK costs ``k`` extra output
+    columns and a crop per stride-1 kernel. With YNNPACK's convolutions off, the unpadded
+    convolution runs on Eigen: 10-17 % faster forward kernels and 5-10 % faster weight gradients
+    on the study's layers. Whole programs, 2 cores, paired rounds against the padded ones
+    (results/cpu_cnn/README.md): segmenters at band-limit 50 with no YNNPACK, training 0.93-0.97,
+    inference 0.90-0.93; classifiers at band-limit 30 with YNNPACK dots and reductions (without
+    them they lose 2-15 % in training), training 0.93-0.98, inference 0.85-1.00.
 
     Do not call the result inside another ``jax.jit``: the outer program's options apply, and
     the unpadded convolutions would run on YNNPACK."""
+    if not _ynn_option_works(ynn):
+        return jax.jit(fn, **jit_kwargs)
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
         with valid_convs():
             return fn(*args, **kwargs)
 
-    return jax.jit(traced, compiler_options=WITHOUT_YNN, **jit_kwargs)
+    return jax.jit(traced, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ynn}, **jit_kwargs)
 
 
 def _out(n: int, k: int, s: int) -> int:
@@ -166,7 +184,7 @@ def _fwd(x, w, s, valid=False):
     padding makes the output wider than the input, and XLA then does not hand the conv to
     YNNPACK (``IsConvolutionOpSupportedByYnn``), whose convs ran 1.3-3x slower than Eigen's
     on these shapes (jaxlib 0.10.2, 2 cores); under :func:`valid_convs` (a program without
-    YNNPACK) the conv is unpadded. Stride s > 1: a stride-1 conv of the
+    YNNPACK convolutions) the conv is unpadded. Stride s > 1: a stride-1 conv of the
     space-to-depth input with the kernel split into ceil(k/s)^2 taps of s*s*Ci channels. Or
     (``_plan``) one matmul of the patches with the exact k*k taps, or k*k tap matmuls summed.
     """
