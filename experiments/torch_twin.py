@@ -199,8 +199,9 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     :data:`sphere_jax.models.conv_cpu.FORMULATION` (e.g. ``"conv"``: every layer as before the
     per-shape plan), ``"one_device"`` (the library's formulation on one device, all cores used
     within each operation), or ``"with_ynn"`` (the programs compiled by plain ``jax.jit``, with
-    XLA's default YNNPACK fusions and padded convolutions, as before :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every CPU device
-    of the process). Adds ``devices``: that count.
+    XLA's default YNNPACK fusions and padded convolutions, as before
+    :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every
+    CPU device of the process). Adds ``devices``: that count.
     """
     import jax
     import optax

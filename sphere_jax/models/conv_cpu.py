@@ -20,9 +20,9 @@ Every layer is built from three kernels, each a fast operation on XLA:CPU:
   once (sub-kernels stacked on the output channels), then depth-to-space; or (``_plan``) one
   matmul followed by ``k*k`` strided pad-adds;
 * ``_wgrad``: the weight gradient. Stride 1: XLA's own formulation (batch contracted, the
-  cotangent as the kernel), padded to stay on Eigen (unpadded under :func:`jit`). Stride ``s > 1``: ``k*k`` tap matmuls
-  ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks (also at stride 1 on small images), or
-  (one input channel) one matmul over the patches.
+  cotangent as the kernel), padded to stay on Eigen (unpadded under :func:`jit`). Stride
+  ``s > 1``: ``k*k`` tap matmuls ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks (also at
+  stride 1 on small images), or (one input channel) one matmul over the patches.
 
 :func:`conv2d` and :func:`conv_transpose2d` are ``jax.custom_vjp`` functions wired from these
 kernels (the forward of one is the input gradient of the other). Values and gradients equal
@@ -199,7 +199,8 @@ def _fwd(x, w, s, valid=False):
     if s > 1:
         return _fwd_s2d(x, w, s, valid)
     if valid:
-        return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN, precision=lax.Precision.HIGHEST)
+        return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN,
+                                        precision=lax.Precision.HIGHEST)
     y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
                                  precision=lax.Precision.HIGHEST)
     return y[:, :, :Wo]
@@ -275,8 +276,9 @@ def _wgrad(x, dy, k, s, valid=False):
     Stride 1: one Eigen convolution with batch and features swapped (the formulation of XLA's
     own autodiff: lhs x as [Ci | H, W | B], kernel dy as [H_o, W_o | B -> Co]), with dy padded
     by zero columns to W+1 so that the kernel is wider than the input and XLA keeps the conv
-    off YNNPACK (7-13x slower there); unpadded under :func:`valid_convs`. Stride s > 1: ``_wgrad_taps``. Or (``_plan``) the tap
-    matmuls at stride 1 too, or one matmul over the patches.
+    off YNNPACK (7-13x slower there); unpadded under :func:`valid_convs`. Stride s > 1:
+    ``_wgrad_taps``. Or (``_plan``) the tap matmuls at stride 1 too, or one matmul over the
+    patches.
     """
     how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s)["wgrad"]
     if how == "patches":
