@@ -174,6 +174,24 @@ def _complex_as_real(a: jax.Array) -> jax.Array:
     return jnp.stack([jnp.stack([ar, ai]), jnp.stack([-ai, ar])])
 
 
+def _half_orders_as_real(psi: jax.Array, axis: int) -> jax.Array:
+    """A complex kernel whose ``axis`` holds the orders ``n = -(N-1)..N-1`` -> the real
+    ``[2 (re/im of F), 2, 2 (re/im out), ...]`` (``...``: ``psi``'s axes, ``axis`` now
+    ``n = 0..N-1``) that multiplies the half coefficients ``F[n >= 0]`` for all orders at once:
+    index 0 of the second axis is ``psi[n]``; index 1 is ``(-1)^n psi[-n]`` (zero at ``n = 0``)
+    applied to ``conj(F)``, which a real signal's ``F[-n, m] = (-1)^(m+n) conj(F[n, -m])`` turns
+    into the orders ``n < 0``, read at ``-m`` (the caller's flip and ``(-1)^m``)."""
+    N = (psi.shape[axis] + 1) // 2
+    sn = ((-1.0) ** np.arange(N)).astype(np.float32)
+    sn[0] = 0.0  # n = 0 is in the first sum only
+    shape = [1] * psi.ndim
+    shape[axis] = N
+    pos = jax.lax.slice_in_dim(psi, N - 1, 2 * N - 1, axis=axis)  # psi[n], n >= 0
+    neg = jnp.flip(jax.lax.slice_in_dim(psi, 0, N, axis=axis), axis) * sn.reshape(shape)  # (-1)^n psi[-n]
+    conj = np.array([1.0, -1.0], np.float32).reshape((2,) + (1,) * (psi.ndim + 1))  # conj(F): negate its im row
+    return jnp.stack([_complex_as_real(pos), conj * _complex_as_real(neg)], axis=1)
+
+
 def _check_bandlimits(name, L_in, L_out):
     for v in (L_in, L_out):
         if int(v) != v or v < 2:
@@ -416,12 +434,7 @@ class SO3Conv(_SO3Filter):
         coefficients as they are, in one product against the two stacked kernels, and the
         second is read at ``-m`` afterwards (a flip of its output along ``m``). The FLOPs are
         those of the full product (``2 l1`` orders against ``2 l1 - 1``)."""
-        pp = psi[:, :, l1 - 1 :]  # n >= 0
-        sn = ((-1.0) ** np.arange(l1)).astype(np.float32)
-        sn[0] = 0.0  # n = 0 is in the first sum only
-        pn = psi[:, :, l1 - 1 :: -1] * sn[None, None, :, None, None]  # (-1)^n psi[-n]
-        conj = np.array([1.0, -1.0], np.float32)[:, None, None, None, None, None, None]  # conj(F): negate its im row
-        A = jnp.stack([_complex_as_real(pp), conj * _complex_as_real(pn)], axis=1)  # [re/im in, 2, re/im out, l, k, n, c, d]
+        A = _half_orders_as_real(psi, axis=2)  # [re/im in, 2, re/im out, l, k, n >= 0, c, d]
         o = jnp.einsum("nmrbcl,rwslkncd->wkmsbdl", F, A)  # [2, k, m (all), re/im, B, D, l]
         sm = ((-1.0) ** np.abs(np.arange(-l1 + 1, l1))).astype(np.float32)[:, None, None, None, None]
         return o[0] + sm * jnp.flip(o[1], axis=1)
@@ -485,12 +498,7 @@ class SO3ToS2(_SO3Filter):
         afterwards (a flip of the small output). Building the full coefficients instead (a
         concatenation of flipped copies) took 2.9 ms of the 204k's 64 ms H200 step at 565 GB/s.
         The product costs twice the FLOPs of the full one; it is the layer's smallest part."""
-        kp = kappa[:, Lc - 1 :]  # [l, n >= 0, C, D]
-        sn = ((-1.0) ** np.arange(Lc)).astype(np.float32)
-        sn[0] = 0.0  # n = 0 is in the first sum only
-        kn = kappa[:, Lc - 1 :: -1] * sn[None, :, None, None]  # (-1)^n kappa[-n]
-        conj = np.array([1.0, -1.0], np.float32)[:, None, None, None, None, None]  # conj(F): negate its im row
-        A = jnp.stack([_complex_as_real(kp), conj * _complex_as_real(kn)], axis=1)  # [re/im in, 2, re/im out, l, n, C, D]
+        A = _half_orders_as_real(kappa, axis=1)  # [re/im in, 2, re/im out, l, n >= 0, C, D]
         o = jnp.einsum("nmrbcl,rwslncd->wsblmd", F, A)  # [2, re/im, B, l, m (all), D]
         sm = ((-1.0) ** np.arange(Lc)).astype(np.float32)[:, None]
         return o[0, :, :, :, Lc - 1 :] + sm * o[1, :, :, :, Lc - 1 :: -1]
