@@ -57,13 +57,15 @@ def _rand(rng, shape, relu=False):
 def _modes(pairs, classifiers=False):
     """Every kernel in each formulation ("conv": XLA convolutions / space-to-depth, "patches": one
     matmul of the patches, "taps": k*k tap matmuls); strided pairs also with a 1-sample batch
-    loop in the tap weight gradient (the fori_loop path). The per-shape choice ("auto") is
+    loop in the tap weight gradient (the fori_loop path); stride-1 pairs also as products of
+    rfft2 spectra ("fft"; "valid_fft": compiled as the segmenters' programs). The per-shape choice ("auto") is
     exercised by the whole-model tests. "valid": the "conv" formulation compiled as the CNN
     segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded convolutions); with
     ``classifiers``, also "valid_dots", as the classifiers' programs are (YNNPACK's dots and
     reductions, unpadded convolutions)."""
     extra = ("valid_dots",) if classifiers else ()
-    modes = lambda k, s: ("auto",) if k == 1 else ("conv", "valid", *extra, "patches") + (("taps", "chunk1") if s > 1 else ())
+    modes = lambda k, s: ("auto",) if k == 1 else (
+        ("conv", "valid", *extra, "patches") + (("taps", "chunk1") if s > 1 else ("fft", "valid_fft")))
     return [(k, s, m) for k, s in pairs for m in modes(k, s)]
 
 
@@ -73,29 +75,43 @@ def chunked(monkeypatch):
         if mode == "chunk1":
             monkeypatch.setattr(fc, "FORMULATION", "conv")
             monkeypatch.setattr(fc, "WGRAD_CHUNK_ELEMS", 1)
+        elif mode == "valid_fft":
+            monkeypatch.setattr(fc, "FORMULATION", "fft")
         elif mode != "auto":
             monkeypatch.setattr(fc, "FORMULATION", "conv" if mode.startswith("valid") else mode)
         if mode == "valid_dots":
             return lambda fn: fc.jit(fn, fc.YNN_DOTS_AND_REDUCES)
-        return fc.jit if mode == "valid" else jax.jit
+        return fc.jit if mode in ("valid", "valid_fft") else jax.jit
     return set_mode
 
 
 def test_plan_picks_by_shape(monkeypatch):
     """The measured choices (conv_cpu._plan) for layers of the study's CNNs, and the override."""
     p = fc._plan
-    assert p(191, 1100, 18, 18, 2) == {"fwd": "patches", "adj": "patches", "wgrad": "taps"}   # CNN-5.5M
-    assert p(16, 85, 43, 43, 2) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}            # CNN-5.5M
-    assert p(1, 61, 28, 28, 2) == {"fwd": "patches", "adj": "conv", "wgrad": "patches"}       # cls first layer
-    assert p(244, 244, 8, 8, 1) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}         # cls last layer
-    assert p(122, 122, 12, 12, 2) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}       # cls k=3, s=2
-    assert p(141, 191, 37, 37, 1) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}          # CNN-5.5M
+    assert p(191, 1100, 18, 18, 2, 3) == {"fwd": "patches", "adj": "patches", "wgrad": "taps"}   # CNN-5.5M
+    assert p(16, 85, 43, 43, 2, 7) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}            # CNN-5.5M
+    assert p(1, 61, 28, 28, 2, 5) == {"fwd": "patches", "adj": "conv", "wgrad": "patches"}       # cls first layer
+    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}         # cls last layer
+    assert p(122, 122, 12, 12, 2, 3) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}       # cls k=3, s=2
+    assert p(141, 191, 37, 37, 1, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}          # CNN-5.5M
+    assert p(13, 16, 92, 91, 1, 5) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}            # CNN-1M, narrow k=5
+    assert p(96, 163, 38, 38, 1, 5) == {"fwd": "conv", "adj": "fft", "wgrad": "fft"}             # CNN-1M, wide k=5
+    assert p(22, 31, 80, 79, 1, 7) == {"fwd": "conv", "adj": "fft", "wgrad": "fft"}              # CNN-218k
+    assert p(15, 22, 86, 85, 1, 9) == {"fwd": "fft", "adj": "fft", "wgrad": "fft"}               # CNN-218k
+    assert p(15, 22, 12, 11, 1, 9)["fwd"] == "conv"                                             # small image
     monkeypatch.setattr(fc, "FORMULATION", "conv")
-    assert p(191, 1100, 18, 18, 2) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}
-    assert p(244, 244, 8, 8, 1) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
+    assert p(191, 1100, 18, 18, 2, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}
+    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
+    assert p(15, 22, 86, 85, 1, 9) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
+    monkeypatch.setattr(fc, "FORMULATION", "no_fft")
+    assert p(15, 22, 86, 85, 1, 9) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
+    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}
+    monkeypatch.setattr(fc, "FORMULATION", "fft")
+    assert p(13, 15, 96, 95, 1, 3) == {"fwd": "fft", "adj": "fft", "wgrad": "fft"}
+    assert p(191, 1100, 18, 18, 2, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}
     monkeypatch.setattr(fc, "FORMULATION", "fast")
     with pytest.raises(ValueError, match="FORMULATION 'fast'"):
-        p(1, 1, 1, 1, 1)
+        p(1, 1, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("k,s,mode", _modes(PAIRS, classifiers=True))
@@ -171,14 +187,17 @@ def test_nearest_resize():
         e = rel(g1, g0); assert e < TOL
 
 
-@pytest.mark.parametrize("name", ["cnn_218k", "cnn_cls_68k", "cnn_cls_250k"])  # every layer kind; 1M, 5.5M: same layers
-def test_cpu_model_matches_lax_model(name):
+# every layer kind (1M, 5.5M: same layers); the segmenter also with every stride-1 kernel by rfft2
+@pytest.mark.parametrize("name,form", [("cnn_218k", "auto"), ("cnn_218k", "fft"), ("cnn_cls_68k", "auto"),
+                                       ("cnn_cls_250k", "auto")])
+def test_cpu_model_matches_lax_model(name, form, monkeypatch):
     """conv_impl="cpu" and "lax": same parameter tree and initial values; same logits and
     parameter gradients.
 
     Compared in float64: in float32 a pre-activation within round-off of 0 (seen: 1.3e-7) can
     flip a ReLU between the two (equally exact) formulations and change a gradient by %.
     """
+    monkeypatch.setattr(fc, "FORMULATION", form)
     seg = name in cnn.SEGMENTERS
     cfg = (cnn.SEGMENTERS if seg else cnn.CLASSIFIERS)[name]
     m = cfg.min_input_size()

@@ -24,6 +24,10 @@ Every layer is built from three kernels, each a fast operation on XLA:CPU:
   ``s > 1``: ``k*k`` tap matmuls ``x_tap^T @ dy`` in a ``fori_loop`` over batch chunks (also at
   stride 1 on small images), or (one input channel) one matmul over the patches.
 
+Stride-1 layers with large kernels (``_plan``: ``k >= 7``, or ``k = 5`` with many channels) run
+their input and weight gradients, and at ``k = 9`` their forward, as products of rfft2 spectra
+per frequency (``_fwd_fft``, ``_adj_fft``, ``_wgrad_fft``).
+
 :func:`conv2d` and :func:`conv_transpose2d` are ``jax.custom_vjp`` functions wired from these
 kernels (the forward of one is the input gradient of the other). Values and gradients equal
 the ``lax`` / Flax formulations to float32 round-off (``tests/test_cnn_cpu.py``). Layout NHWC /
@@ -48,10 +52,12 @@ __all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "de
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Each kernel has several formulations: "conv" (XLA convolutions; space-to-depth when strided),
-# "patches" (one matmul of the exact-tap patches), "taps" (k*k tap matmuls); _plan picks one per
-# layer shape. FORMULATION forces a family everywhere ("conv": the formulation before the
-# per-shape plan, for benchmarks; the tests run each).
-FORMULATION = "auto"  # "auto" | "conv" | "patches" | "taps"
+# "patches" (one matmul of the exact-tap patches), "taps" (k*k tap matmuls), "fft" (stride 1
+# only: products of rfft2 spectra); _plan picks one per layer shape. FORMULATION forces a family
+# everywhere ("conv": the formulation before the per-shape plan, for benchmarks; "no_fft": the
+# plan without rfft2 kernels, as before them, for benchmarks; "fft": every stride-1 kernel by
+# rfft2, the strided ones "conv"; the tests run each).
+FORMULATION = "auto"  # "auto" | "no_fft" | "conv" | "patches" | "taps" | "fft"
 
 # Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
 # batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
@@ -125,10 +131,12 @@ def _out(n: int, k: int, s: int) -> int:
 # --------------------------------------------------------------------------- the 3 kernels
 
 
-def _plan(ci: int, co: int, ho: int, wo: int, s: int) -> dict:
+def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None = None) -> dict:
     """Formulation of each kernel of a layer: ``ci``/``co`` its input and output channels,
-    ``ho x wo`` its output size, ``s`` its stride. Returns ``{"fwd": "conv"|"patches"|"taps",
-    "adj": "conv"|"patches", "wgrad": "conv"|"taps"|"patches"}``.
+    ``ho x wo`` its output size, ``s`` its stride, ``k`` its kernel size. Returns ``{"fwd":
+    "conv"|"patches"|"taps"|"fft", "adj": "conv"|"patches"|"fft", "wgrad":
+    "conv"|"taps"|"patches"|"fft"}``. ``form``: a :data:`FORMULATION` value (default: the
+    module's, read now).
 
     Measured on 2 cores (batch 32, jaxlib 0.10.2) on every layer of the study's CNNs:
 
@@ -146,18 +154,31 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int) -> dict:
     * stride 1: Eigen's convolutions win on images of 26x26 and more (by 1.5-7x); on the
       classifiers' last layers (output 10x10, 8x8) the patch adjoint (c1m: 15.2 -> 10.6 ms) and
       the tap weight gradient (13.9 -> 12.2 ms) win.
+    * stride 1, large kernels (``_fwd_fft``, ``_adj_fft``, ``_wgrad_fft``: products of rfft2
+      spectra): the input and weight gradients together (they share the cotangent's spectrum)
+      win for ``k >= 7`` and for ``k = 5`` with ``ci * co >= 4096``: 15 -> 22, k=9, at 94x93:
+      260 -> 140 ms; 22 -> 31, k=7, at 86x85: 245 -> 182 ms; 96 -> 163, k=5, at 42x42: 458 ->
+      319 ms; 85 -> 141, k=5: 373 -> 250 ms. They lose for k=3 and for narrow k=5 layers (13 -> 16:
+      87 -> 97 ms). The forward wins only at k=9 (107 -> 99 ms; k=7: 91 -> 141 ms), where the
+      spectra's transposes and the kernel's spectrum (``ci * co`` images) cost more than Eigen's
+      convolution saves.
     """
-    if FORMULATION not in ("auto", "conv", "patches", "taps"):
-        raise ValueError(f"conv_cpu.FORMULATION {FORMULATION!r}: use auto, conv, patches or taps")
-    if FORMULATION == "conv":
+    form = FORMULATION if form is None else form
+    if form not in ("auto", "no_fft", "conv", "patches", "taps", "fft"):
+        raise ValueError(f"conv_cpu.FORMULATION {form!r}: use auto, no_fft, conv, patches, taps or fft")
+    if form == "conv" or (form == "fft" and s > 1):
         return {"fwd": "conv", "adj": "conv", "wgrad": "taps" if s > 1 else "conv"}
-    if FORMULATION == "patches":
+    if form == "fft":
+        return dict.fromkeys(("fwd", "adj", "wgrad"), "fft")
+    if form == "patches":
         return dict.fromkeys(("fwd", "adj", "wgrad"), "patches")
-    if FORMULATION == "taps":
+    if form == "taps":
         return {"fwd": "taps", "adj": "patches", "wgrad": "taps"}
     pick = lambda c: "patches" if c else "conv"
     small = ho * wo <= 256
     if s == 1:
+        if form == "auto" and not small and (k >= 7 or (k >= 5 and ci * co >= 4096)):
+            return {"fwd": "fft" if k >= 9 else "conv", "adj": "fft", "wgrad": "fft"}
         return {"fwd": "conv", "adj": pick(small), "wgrad": "taps" if small else "conv"}
     if ci == 1 or (co >= 2 * ci and ho * wo <= 1024):
         fwd = "patches"
@@ -177,7 +198,7 @@ def _patches(x, k, s):
     return jnp.concatenate([_tap(x, a, b, s, Ho, Wo) for a in range(k) for b in range(k)], axis=-1)
 
 
-def _fwd(x, w, s, valid=False):
+def _fwd(x, w, s, valid=False, form=None):
     """VALID conv, stride s: x [B,H,W,Ci], w [k,k,Ci,Co] -> [B,Ho,Wo,Co].
 
     Stride 1: one Eigen convolution, padded by k zero columns on the right and cropped. The
@@ -190,14 +211,16 @@ def _fwd(x, w, s, valid=False):
     """
     k, _, ci, co = w.shape
     Ho, Wo = _out(x.shape[1], k, s), _out(x.shape[2], k, s)
-    how = _plan(ci, co, Ho, Wo, s)["fwd"]
+    how = _plan(ci, co, Ho, Wo, s, k, form)["fwd"]
+    if how == "fft":
+        return _fwd_fft(x, w)
     if how == "patches":
         return jnp.dot(_patches(x, k, s), w.reshape(k * k * ci, co), precision=lax.Precision.HIGHEST)
     if how == "taps":
         return sum(jnp.dot(_tap(x, a, b, s, Ho, Wo), w[a, b], precision=lax.Precision.HIGHEST)
                    for a in range(k) for b in range(k))
     if s > 1:
-        return _fwd_s2d(x, w, s, valid)
+        return _fwd_s2d(x, w, s, valid, form)
     if valid:
         return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN,
                                         precision=lax.Precision.HIGHEST)
@@ -206,7 +229,7 @@ def _fwd(x, w, s, valid=False):
     return y[:, :, :Wo]
 
 
-def _fwd_s2d(x, w, s, valid=False):
+def _fwd_s2d(x, w, s, valid=False, form=None):
     """Stride-s VALID conv as a stride-1 conv of the space-to-depth input (kernel ceil(k/s))."""
     k, _, ci, co = w.shape
     B, H, W, _ = x.shape
@@ -218,10 +241,10 @@ def _fwd_s2d(x, w, s, valid=False):
     xs = x.reshape(B, H2, s, W2, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(B, H2, W2, s * s * ci)
     wp = jnp.pad(w, ((0, K * s - k), (0, K * s - k), (0, 0), (0, 0)))
     ws = wp.reshape(K, s, K, s, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(K, K, s * s * ci, co)
-    return _fwd(xs, ws, 1, valid)
+    return _fwd(xs, ws, 1, valid, form)
 
 
-def _adj(dy, w, s, hw):
+def _adj(dy, w, s, hw, form=None):
     """Adjoint of ``_fwd`` w.r.t. x: dy [B,Ho,Wo,Co], w [k,k,Ci,Co] -> [B,H,W,Ci].
 
     dx[s*m + r] = sum_u dy[m - u] w[r + s*u] (per axis): a stride-1 full correlation per phase r.
@@ -230,7 +253,10 @@ def _adj(dy, w, s, hw):
     H, W = hw
     B, Ho, Wo, _ = dy.shape
     hi = lax.Precision.HIGHEST
-    if _plan(ci, co, Ho, Wo, s)["adj"] == "patches":
+    how = _plan(ci, co, Ho, Wo, s, k, form)["adj"]
+    if how == "fft":
+        return _adj_fft(dy, w, hw)
+    if how == "patches":
         return _col2im(dy, w, s, hw)
     if s == 1:
         wf = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Co,Ci]
@@ -270,7 +296,7 @@ def _chunk(B: int, per_sample: int) -> int:
     return max(d for d in range(1, B + 1) if B % d == 0 and d <= target)
 
 
-def _wgrad(x, dy, k, s, valid=False):
+def _wgrad(x, dy, k, s, valid=False, form=None):
     """Weight gradient of ``_fwd``: x [B,H,W,Ci], dy [B,Ho,Wo,Co] -> [k,k,Ci,Co].
 
     Stride 1: one Eigen convolution with batch and features swapped (the formulation of XLA's
@@ -280,7 +306,9 @@ def _wgrad(x, dy, k, s, valid=False):
     ``_wgrad_taps``. Or (``_plan``) the tap matmuls at stride 1 too, or one matmul over the
     patches.
     """
-    how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s)["wgrad"]
+    how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s, k, form)["wgrad"]
+    if how == "fft":
+        return _wgrad_fft(x, dy, k)
     if how == "patches":
         g = lax.dot_general(_patches(x, k, s), dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
                             precision=lax.Precision.HIGHEST)
@@ -324,41 +352,162 @@ def _wgrad_taps(x, dy, k, s):
     return g.reshape(k, k, ci, co)
 
 
+# --------------------------------------------------------------------------- stride 1 by rfft2
+# A stride-1 VALID correlation of an H x W image is exact as a circular one of any size
+# N >= H, M >= W (no output index wraps), so each kernel is a product of rfft2 spectra per
+# frequency, summed over channels: batched matmuls over the F = N * (M//2 + 1) frequencies.
+# Spectra are real-ified and frequency-major, [F, 2B, C]: rows 0..B-1 the real parts, B..2B-1
+# the imaginary parts, so each complex product is two real batched matmuls. In one program the
+# forward's spectrum of x, the kernel's spectrum and the cotangent's spectrum are each computed
+# once (XLA merges the identical computations of _fwd_fft, _adj_fft and _wgrad_fft).
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c 7^d >= n: a size that rfft2 transforms fast, and the smallest such
+    (the products' cost grows with it: 96 -> 163 channels, k=5, 42x42: input and weight
+    gradients 268 ms at 42, 305 ms at 45, 363 ms at 48)."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_dft(N: int, M: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fwd [2F, k*k], inv [k*k, 2F])``, float32: the rfft2 of a k x k kernel zero-padded to
+    N x M (rows: real parts, then imaginary parts), and the top-left k x k of the real inverse of
+    a half spectrum (column frequencies 0 and M/2 once, the others twice, over N M)."""
+    Mr = M // 2 + 1
+    n = np.arange(N)[:, None, None, None]
+    m = np.arange(Mr)[None, :, None, None]
+    u = np.arange(k)[None, None, :, None]
+    v = np.arange(k)[None, None, None, :]
+    th = (2 * np.pi * (n * u / N + m * v / M)).reshape(N * Mr, k * k)
+    fwd = np.concatenate([np.cos(th), -np.sin(th)], 0)
+    c = np.full(Mr, 2.0)
+    c[0] = 1.0
+    if M % 2 == 0:
+        c[-1] = 1.0
+    cw = np.tile(c, N)[:, None] / (N * M)
+    inv = np.concatenate([cw * np.cos(th), -cw * np.sin(th)], 0).T
+    return fwd.astype(np.float32), np.ascontiguousarray(inv, np.float32)
+
+
+def _spectrum(x, N: int, M: int):
+    """x [B,H,W,C] -> its rfft2 at N x M, real-ified: [F, 2B, C] (F = N * (M//2 + 1))."""
+    B, _, _, C = x.shape
+    X = jnp.fft.rfft2(jnp.transpose(x, (0, 3, 1, 2)), s=(N, M))            # [B,C,N,Mr]
+    return jnp.stack([X.real, X.imag]).reshape(2 * B * C, -1).T.reshape(-1, 2 * B, C)
+
+
+def _unspectrum(S, N: int, M: int, h: int, w: int):
+    """Inverse of :func:`_spectrum`, cropped: [F, 2B, C] -> [B, h, w, C] (the top-left h x w)."""
+    F, B2, C = S.shape
+    T = S.reshape(F, B2 * C).T.reshape(2, B2 // 2, C, N, M // 2 + 1)
+    y = jnp.fft.irfft2(lax.complex(T[0], T[1]), s=(N, M))[:, :, :h, :w]     # [B,C,h,w]
+    return jnp.transpose(y, (0, 2, 3, 1))
+
+
+def _kernel_spectrum(w, N: int, M: int):
+    """w [k,k,Ci,Co] -> the real and imaginary parts of its rfft2 at N x M, each [F, Ci, Co]
+    (two matmuls with the DFT of the k x k taps; no padded transform of Ci * Co images)."""
+    k, _, ci, co = w.shape
+    fwd, _ = _kernel_dft(N, M, k)
+    F = fwd.shape[0] // 2
+    w2 = w.reshape(k * k, ci * co)
+    hi = lax.Precision.HIGHEST
+    return (jnp.dot(fwd[:F], w2, precision=hi).reshape(F, ci, co),
+            jnp.dot(fwd[F:], w2, precision=hi).reshape(F, ci, co))
+
+
+def _fbatch(a, b, ca: int, cb: int):
+    """Matmuls batched over the leading (frequency) axis, contracting axis ca of a with cb of b."""
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
+
+
+def _fwd_fft(x, w):
+    """``_fwd`` at stride 1 through rfft2: Y = X conj(W) per frequency.
+    x [B,H,W,Ci], w [k,k,Ci,Co] -> [B,H-k+1,W-k+1,Co]."""
+    k = w.shape[0]
+    B, H, W, _ = x.shape
+    N, M = _fft_size(H), _fft_size(W)
+    X = _spectrum(x, N, M)
+    Wr, Wi = _kernel_spectrum(w, N, M)
+    A, C = _fbatch(X, Wr, 2, 1), _fbatch(X, Wi, 2, 1)          # [XrWr; XiWr], [XrWi; XiWi]
+    Y = jnp.concatenate([A[:, :B] + C[:, B:], A[:, B:] - C[:, :B]], 1)
+    return _unspectrum(Y, N, M, H - k + 1, W - k + 1)
+
+
+def _adj_fft(dy, w, hw):
+    """``_adj`` at stride 1 through rfft2: dX = dY W^T per frequency (a full convolution).
+    dy [B,Ho,Wo,Co], w [k,k,Ci,Co] -> [B,H,W,Ci] with ``hw = (H, W)``."""
+    H, W = hw
+    B = dy.shape[0]
+    N, M = _fft_size(H), _fft_size(W)
+    D = _spectrum(dy, N, M)
+    Wr, Wi = _kernel_spectrum(w, N, M)
+    A, C = _fbatch(D, Wr, 2, 2), _fbatch(D, Wi, 2, 2)          # [DrWr'; DiWr'], [DrWi'; DiWi']
+    X = jnp.concatenate([A[:, :B] - C[:, B:], C[:, :B] + A[:, B:]], 1)
+    return _unspectrum(X, N, M, H, W)
+
+
+def _wgrad_fft(x, dy, k: int):
+    """``_wgrad`` at stride 1 through rfft2: G = sum_b X conj(dY) per frequency, then the
+    top-left k x k of its real inverse. x [B,H,W,Ci], dy [B,Ho,Wo,Co] -> [k,k,Ci,Co]."""
+    B, H, W, ci = x.shape
+    co = dy.shape[-1]
+    N, M = _fft_size(H), _fft_size(W)
+    X, D = _spectrum(x, N, M), _spectrum(dy, N, M)
+    F = X.shape[0]
+    Gr = _fbatch(X, D, 1, 1)                                                     # Xr'Dr + Xi'Di
+    Gi = _fbatch(jnp.concatenate([X[:, B:], -X[:, :B]], 1), D, 1, 1)              # Xi'Dr - Xr'Di
+    _, inv = _kernel_dft(N, M, k)
+    hi = lax.Precision.HIGHEST
+    g = (jnp.dot(inv[:, :F], Gr.reshape(F, ci * co), precision=hi)
+         + jnp.dot(inv[:, F:], Gi.reshape(F, ci * co), precision=hi))
+    return g.reshape(k, k, ci, co)
+
+
 # --------------------------------------------------------------------------- custom-vjp ops
 
 
-# ``valid`` (:func:`valid_convs`, read where the op is called) is an argument, not read inside:
-# JAX caches the traces of these functions by their arguments.
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_op(x, w, s, valid):
-    return _fwd(x, w, s, valid)
+# ``valid`` (:func:`valid_convs`) and ``form`` (:data:`FORMULATION`), both read where the op is
+# called, are arguments, not read inside: JAX caches the traces of these functions by their
+# arguments (a second program traced under another FORMULATION reused the first's kernels).
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_op(x, w, s, valid, form):
+    return _fwd(x, w, s, valid, form)
 
 
-def _conv_op_fwd(x, w, s, valid):
-    return _fwd(x, w, s, valid), (x, w)
+def _conv_op_fwd(x, w, s, valid, form):
+    return _fwd(x, w, s, valid, form), (x, w)
 
 
-def _conv_op_bwd(s, valid, res, g):
+def _conv_op_bwd(s, valid, form, res, g):
     x, w = res
-    return _adj(g, w, s, x.shape[1:3]), _wgrad(x, g, w.shape[0], s, valid)
+    return _adj(g, w, s, x.shape[1:3], form), _wgrad(x, g, w.shape[0], s, valid, form)
 
 
 _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adj_op(x, wc, s, hw, valid):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _adj_op(x, wc, s, hw, valid, form):
     """x [B,h,w,Co'] -> [B,H,W,Ci']: the transpose of the VALID conv with weight wc [k,k,Ci',Co']."""
-    return _adj(x, wc, s, hw)
+    return _adj(x, wc, s, hw, form)
 
 
-def _adj_op_fwd(x, wc, s, hw, valid):
-    return _adj(x, wc, s, hw), (x, wc)
+def _adj_op_fwd(x, wc, s, hw, valid, form):
+    return _adj(x, wc, s, hw, form), (x, wc)
 
 
-def _adj_op_bwd(s, hw, valid, res, g):
+def _adj_op_bwd(s, hw, valid, form, res, g):
     x, wc = res
-    return _fwd(g, wc, s, valid), _wgrad(g, x, wc.shape[0], s, valid)
+    return _fwd(g, wc, s, valid, form), _wgrad(g, x, wc.shape[0], s, valid, form)
 
 
 _adj_op.defvjp(_adj_op_fwd, _adj_op_bwd)
@@ -381,7 +530,7 @@ def conv2d(x, w, b, stride: int):
     if k == 1:
         y = dense_1x1(x[:, ::s, ::s] if s > 1 else x, w)
     else:
-        y = _conv_op(x, w, s, _valid_convs.get())
+        y = _conv_op(x, w, s, _valid_convs.get(), FORMULATION)
     return y if b is None else y + b
 
 
@@ -407,7 +556,7 @@ def conv_transpose2d(x, w, b, stride: int, out_hw):
             raise ValueError(f"conv_transpose2d: out_hw {out_hw} unreachable from input {x.shape} "
                              f"with kernel {k}, stride {s}")
     wc = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Cout,Cin]: conv weight of the adjoint
-    y = _adj_op(x, wc, s, (H, W), _valid_convs.get())
+    y = _adj_op(x, wc, s, (H, W), _valid_convs.get(), FORMULATION)
     return y if b is None else y + b
 
 
