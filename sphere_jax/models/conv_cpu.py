@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from functools import partial
 
 import jax
@@ -56,8 +57,10 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # only: products of rfft2 spectra); _plan picks one per layer shape. FORMULATION forces a family
 # everywhere ("conv": the formulation before the per-shape plan, for benchmarks; "no_fft": the
 # plan without rfft2 kernels, as before them, for benchmarks; "fft": every stride-1 kernel by
-# rfft2, the strided ones "conv"; the tests run each).
-FORMULATION = "auto"  # "auto" | "no_fft" | "conv" | "patches" | "taps" | "fft"
+# rfft2, the strided ones "conv"; the tests run each). Read where a convolution is traced; its
+# initial value is $SPHERE_JAX_CPU_CONV if set (so that a benchmark can time a formulation in a
+# fresh process), else "auto".
+FORMULATION = os.environ.get("SPHERE_JAX_CPU_CONV", "auto")  # "auto" | "no_fft" | "conv" | "patches" | "taps" | "fft"
 
 # Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
 # batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
@@ -158,10 +161,10 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
       spectra): the input and weight gradients together (they share the cotangent's spectrum)
       win for ``k >= 7`` and for ``k = 5`` with ``ci * co >= 4096``: 15 -> 22, k=9, at 94x93:
       260 -> 140 ms; 22 -> 31, k=7, at 86x85: 245 -> 182 ms; 96 -> 163, k=5, at 42x42: 458 ->
-      319 ms; 85 -> 141, k=5: 373 -> 250 ms. They lose for k=3 and for narrow k=5 layers (13 -> 16:
-      87 -> 97 ms). The forward wins only at k=9 (107 -> 99 ms; k=7: 91 -> 141 ms), where the
-      spectra's transposes and the kernel's spectrum (``ci * co`` images) cost more than Eigen's
-      convolution saves.
+      268 ms; 85 -> 141, k=5: 373 -> 250 ms. They lose for k=3 and for narrow k=5 layers (13 -> 16:
+      87 -> 97 ms). The forward wins only at k=9 (107 -> 99 ms; k=7: 91 -> 141 ms). Elsewhere the
+      spectra's transposes and the kernel's spectrum (``ci * co * F`` values) cost more than
+      Eigen's convolution saves.
     """
     form = FORMULATION if form is None else form
     if form not in ("auto", "no_fft", "conv", "patches", "taps", "fft"):
