@@ -585,8 +585,22 @@ def _first_max_1d(x, k, s, axis):
 
 
 def _scatter_1d(g, idx, k, s, n, axis):
-    """Adjoint of picking tap ``idx`` of each window: place g back on an axis of length n."""
+    """Adjoint of picking tap ``idx`` of each window: place g back on an axis of length n.
+
+    Stride 1: ``dx[p] = sum_j [idx[p - j] == j] g[p - j]``, a sum of ``k`` shifted slices of ``g``
+    and ``idx`` padded once (one fusion; the 5.5M's stride-1 pools, forward and backward: 151
+    -> 84 ms at batch 32). Stride ``s > 1``: each tap's share padded into place."""
     m = g.shape[axis]
+    if s == 1:
+        cfg = [(0, 0)] * g.ndim
+        cfg[axis] = (k - 1, k - 1)
+        gp, ip = jnp.pad(g, cfg), jnp.pad(idx, cfg, constant_values=-1)
+        out = None
+        for j in range(k):
+            sl = lambda a: lax.slice_in_dim(a, k - 1 - j, k - 1 - j + n, axis=axis)
+            t = jnp.where(sl(ip) == j, sl(gp), 0)
+            out = t if out is None else out + t
+        return out
     out = None
     for j in range(k):
         gj = jnp.where(idx == j, g, 0)
