@@ -58,11 +58,11 @@ def _modes(pairs, classifiers=False):
     """Every kernel in each formulation ("conv": XLA convolutions / space-to-depth, "patches": one
     matmul of the patches, "taps": k*k tap matmuls); strided pairs also with a 1-sample batch
     loop in the tap weight gradient (the fori_loop path); stride-1 pairs also as products of
-    rfft2 spectra ("fft"; "valid_fft": compiled as the segmenters' programs). The per-shape choice ("auto") is
-    exercised by the whole-model tests. "valid": the "conv" formulation compiled as the CNN
-    segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded convolutions); with
-    ``classifiers``, also "valid_dots", as the classifiers' programs are (YNNPACK's dots and
-    reductions, unpadded convolutions)."""
+    rfft2 spectra ("fft"; "valid_fft": compiled as the segmenters' programs). The per-shape
+    choice ("auto") is exercised by the whole-model tests. "valid": the "conv" formulation
+    compiled as the CNN segmenters' programs are (``conv_cpu.jit``: no YNNPACK, unpadded
+    convolutions); with ``classifiers``, also "valid_dots", as the classifiers' programs are
+    (YNNPACK's dots and reductions, unpadded convolutions)."""
     extra = ("valid_dots",) if classifiers else ()
     modes = lambda k, s: ("auto",) if k == 1 else (
         ("conv", "valid", *extra, "patches") + (("taps", "chunk1") if s > 1 else ("fft", "valid_fft")))
