@@ -202,6 +202,11 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     XLA's default YNNPACK fusions and padded convolutions, as before
     :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every
     CPU device of the process). Adds ``devices``: that count.
+
+    Check a variant's ratio in a fresh process too (``SPHERE_JAX_CPU_CONV=V``, the variant as the
+    only contender). On 2026-11-28 the ``no_fft`` contender, built after the default one in this
+    process, trained CNN-218k in 1.87 s. Alone, or in a fresh process, it took 2.45-2.51 s. The
+    compiled programs differed as they should; the cause was not found.
     """
     import jax
     import optax
