@@ -203,10 +203,14 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every
     CPU device of the process). Adds ``devices``: that count.
 
-    Check a variant's ratio in a fresh process too (``SPHERE_JAX_CPU_CONV=V``, the variant as the
-    only contender). On 2026-11-28 the ``no_fft`` contender, built after the default one in this
-    process, trained CNN-218k in 1.87 s. Alone, or in a fresh process, it took 2.45-2.51 s. The
-    compiled programs differed as they should; the cause was not found.
+    Do not trust a ``FORMULATION`` variant's ratio from here: time it as the only contender, in
+    a fresh process (``SPHERE_JAX_CPU_CONV=V``). On 2026-11-28 (CNN-218k, L=50, PyTorch's timings
+    replaced by no-ops) the second contender ran at the first one's speed in both orders:
+    default then ``no_fft``, 1.94 and 1.95 s; ``no_fft`` then default, 2.47 and 2.48 s. Alone in
+    fresh processes they take about 1.9-2.0 and 2.45-2.57 s. ``.lower()`` of each step gives its
+    own program (14 rfft ops against 0), so the call seems to reuse the first contender's trace.
+    The cause was not found. Variants that change compiler options (``with_ynn``) did time as
+    different programs.
     """
     import jax
     import optax
