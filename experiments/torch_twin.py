@@ -209,8 +209,8 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     default then ``no_fft``, 1.94 and 1.95 s; ``no_fft`` then default, 2.47 and 2.48 s. Alone in
     fresh processes they take about 1.9-2.0 and 2.45-2.57 s. ``.lower()`` of each step gives its
     own program (14 rfft ops against 0), so the call seems to reuse the first contender's trace.
-    The cause was not found. Variants that change compiler options (``with_ynn``) did time as
-    different programs.
+    The cause was not found; whether ``with_ynn`` (other compiler options too) is affected was
+    not checked.
     """
     import jax
     import optax
