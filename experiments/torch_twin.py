@@ -203,14 +203,13 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
     :func:`sphere_jax.train.jit_for`). Ours is always ``"jax"`` (the library default, over every
     CPU device of the process). Adds ``devices``: that count.
 
-    Do not trust a ``FORMULATION`` variant's ratio from here: time it as the only contender, in
-    a fresh process (``SPHERE_JAX_CPU_CONV=V``). On 2026-11-28 (CNN-218k, L=50, PyTorch's timings
-    replaced by no-ops) the second contender ran at the first one's speed in both orders:
-    default then ``no_fft``, 1.94 and 1.95 s; ``no_fft`` then default, 2.47 and 2.48 s. Alone in
-    fresh processes they take about 1.9-2.0 and 2.45-2.57 s. ``.lower()`` of each step gives its
-    own program (14 rfft ops against 0), so the call seems to reuse the first contender's trace.
-    The cause was not found; whether ``with_ynn`` (other compiler options too) is affected was
-    not checked.
+    Until 2026-11-28 (late) a ``FORMULATION`` variant timed the default formulation: the first
+    call below, on the numpy state, traced the step under the variant, but the next call, on the
+    device arrays that the first returned, traced it again after the global had been set back.
+    (CNN-218k, L=50: default then ``no_fft`` 1.94 and 1.95 s; ``no_fft`` then default 2.47 and
+    2.48 s.) Programs made by :func:`sphere_jax.models.conv_cpu.jit` now keep the formulation of
+    the moment they are made (``tests/test_cnn_cpu.py::test_a_program_keeps_the_formulation_it_was_made_under``).
+    ``with_ynn`` was not affected: its choice is made with the program (``train.jit_for``).
     """
     import jax
     import optax
@@ -229,7 +228,7 @@ def paired(name: str, L: int, batch: int = 32, rounds: int = 7, variants: str = 
         mesh = train.make_mesh(jax.devices()[:1] if how == "one_device" else jax.devices())
         with_ynn = how == "with_ynn"
         how = conv_cpu.FORMULATION if how in ("one_device", "with_ynn") else how
-        old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # read when the step is traced (first call)
+        old, conv_cpu.FORMULATION = conv_cpu.FORMULATION, how  # kept by the programs made now (conv_cpu.jit)
         old_choice = cnn.cpu_ynn_fusions
         if with_ynn:  # read when the programs are made (train.jit_for)
             cnn.cpu_ynn_fusions = lambda model: None

@@ -85,6 +85,28 @@ def chunked(monkeypatch):
     return set_mode
 
 
+def test_a_program_keeps_the_formulation_it_was_made_under(monkeypatch):
+    """``conv_cpu.jit`` programs trace under the formulation of the moment they were made, also
+    when JAX traces them again for new kinds of arguments. They used to read the global then: a
+    benchmark that set it, made and called a program, and set it back, timed later calls (a
+    retrace on the device arrays the first step returned) under the restored value."""
+    rng = np.random.default_rng(0)
+    w = _rand(rng, (9, 9, 3, 4))  # stride 1, k = 9: rfft2 under "fft", none under "conv"
+    monkeypatch.setattr(fc, "FORMULATION", "fft")
+    f = fc.jit(lambda x, w: fc.conv2d(x, w, None, 1))
+    x2 = _rand(rng, (2, 30, 29, 3))
+    y2 = f(x2, w)
+    monkeypatch.setattr(fc, "FORMULATION", "conv")
+    g = fc.jit(lambda x, w: fc.conv2d(x, w, None, 1))
+    x3 = jax.device_put(_rand(rng, (3, 30, 29, 3)))  # another batch: f traces again, now
+    assert "fft" in f.lower(x3, w).as_text()
+    assert "fft" not in g.lower(x3, w).as_text()
+    ref = lax.conv_general_dilated(x3, w, (1, 1), "VALID", dimension_numbers=fc._DN, precision=lax.Precision.HIGHEST)
+    for out, r in ((f(x3, w), ref), (g(x3, w), ref), (y2, lax.conv_general_dilated(
+            x2, w, (1, 1), "VALID", dimension_numbers=fc._DN, precision=lax.Precision.HIGHEST))):
+        assert float(jnp.max(jnp.abs(out - r)) / jnp.max(jnp.abs(r))) < 1e-5
+
+
 def test_plan_picks_by_shape(monkeypatch):
     """The measured choices (conv_cpu._plan) for layers of the study's CNNs, and the override."""
     p = fc._plan

@@ -48,7 +48,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["conv2d", "conv_transpose2d", "max_pool_valid", "nearest_resize", "dense_1x1", "jit", "valid_convs",
-           "YNN_NONE", "YNN_DOTS_AND_REDUCES"]
+           "formulation", "YNN_NONE", "YNN_DOTS_AND_REDUCES"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -57,10 +57,19 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # only: products of rfft2 spectra); _plan picks one per layer shape. FORMULATION forces a family
 # everywhere ("conv": the formulation before the per-shape plan, for benchmarks; "no_fft": the
 # plan without rfft2 kernels, as before them, for benchmarks; "fft": every stride-1 kernel by
-# rfft2, the strided ones "conv"; the tests run each). Read where a convolution is traced; its
-# initial value is $SPHERE_JAX_CPU_CONV if set (so that a benchmark can time a formulation in a
-# fresh process), else "auto".
+# rfft2, the strided ones "conv"; the tests run each). A program made by :func:`jit` keeps the
+# value it was made under; elsewhere it is read where a convolution is traced (:func:`formulation`).
+# Its initial value is $SPHERE_JAX_CPU_CONV if set (so that a benchmark can time a formulation in
+# a fresh process), else "auto".
 FORMULATION = os.environ.get("SPHERE_JAX_CPU_CONV", "auto")  # "auto" | "no_fft" | "conv" | "patches" | "taps" | "fft"
+_formulation = contextvars.ContextVar("sphere_jax_cpu_conv_formulation", default=None)
+
+
+def formulation() -> str:
+    """The formulation a convolution traced now takes: that of the program being traced, if
+    :func:`jit` made it, else :data:`FORMULATION`."""
+    f = _formulation.get()
+    return FORMULATION if f is None else f
 
 # Strided weight gradients (_wgrad_taps) loop over batch chunks of the largest divisor of the
 # batch with chunk * Ho * Wo <= this many output pixels (measured best: 1-2 images of 80x79).
@@ -115,15 +124,29 @@ def jit(fn, ynn: str = YNN_NONE, **jit_kwargs):
     them they lose 2-15 % in training), training 0.93-0.98, inference 0.85-1.00.
 
     Do not call the result inside another ``jax.jit``: the outer program's options apply, and
-    the unpadded convolutions would run on YNNPACK."""
-    if not _ynn_option_works(ynn):
-        return jax.jit(fn, **jit_kwargs)
+    the unpadded convolutions would run on YNNPACK.
+
+    The program keeps the :data:`FORMULATION` of the moment it is made. JAX traces a jitted
+    function again whenever it meets new kinds of arguments (numpy arrays first, then the device
+    arrays that the first step returned), and such a trace used to read the global as it was
+    then: a benchmark that set the global, made and called a program, and set it back timed
+    every later call under the old value."""
+    form = FORMULATION
+    unpadded = _ynn_option_works(ynn)
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
-        with valid_convs():
+        token = _formulation.set(form)
+        try:
+            if unpadded:
+                with valid_convs():
+                    return fn(*args, **kwargs)
             return fn(*args, **kwargs)
+        finally:
+            _formulation.reset(token)
 
+    if not unpadded:
+        return jax.jit(traced, **jit_kwargs)
     return jax.jit(traced, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ynn}, **jit_kwargs)
 
 
@@ -138,8 +161,8 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
     """Formulation of each kernel of a layer: ``ci``/``co`` its input and output channels,
     ``ho x wo`` its output size, ``s`` its stride, ``k`` its kernel size. Returns ``{"fwd":
     "conv"|"patches"|"taps"|"fft", "adj": "conv"|"patches"|"fft", "wgrad":
-    "conv"|"taps"|"patches"|"fft"}``. ``form``: a :data:`FORMULATION` value (default: the
-    module's, read now).
+    "conv"|"taps"|"patches"|"fft"}``. ``form``: a :data:`FORMULATION` value (default:
+    :func:`formulation`, read now).
 
     Measured on 2 cores (batch 32, jaxlib 0.10.2) on every layer of the study's CNNs:
 
@@ -166,7 +189,7 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
       spectra's transposes and the kernel's spectrum (``ci * co * F`` values) cost more than
       Eigen's convolution saves.
     """
-    form = FORMULATION if form is None else form
+    form = formulation() if form is None else form
     if form not in ("auto", "no_fft", "conv", "patches", "taps", "fft"):
         raise ValueError(f"conv_cpu.FORMULATION {form!r}: use auto, no_fft, conv, patches, taps or fft")
     if form == "conv" or (form == "fft" and s > 1):
@@ -478,7 +501,7 @@ def _wgrad_fft(x, dy, k: int):
 # --------------------------------------------------------------------------- custom-vjp ops
 
 
-# ``valid`` (:func:`valid_convs`) and ``form`` (:data:`FORMULATION`), both read where the op is
+# ``valid`` (:func:`valid_convs`) and ``form`` (:func:`formulation`), both read where the op is
 # called, are arguments, not read inside: JAX caches the traces of these functions by their
 # arguments (a second program traced under another FORMULATION reused the first's kernels).
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -533,7 +556,7 @@ def conv2d(x, w, b, stride: int):
     if k == 1:
         y = dense_1x1(x[:, ::s, ::s] if s > 1 else x, w)
     else:
-        y = _conv_op(x, w, s, _valid_convs.get(), FORMULATION)
+        y = _conv_op(x, w, s, _valid_convs.get(), formulation())
     return y if b is None else y + b
 
 
@@ -559,7 +582,7 @@ def conv_transpose2d(x, w, b, stride: int, out_hw):
             raise ValueError(f"conv_transpose2d: out_hw {out_hw} unreachable from input {x.shape} "
                              f"with kernel {k}, stride {s}")
     wc = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k,k,Cout,Cin]: conv weight of the adjoint
-    y = _adj_op(x, wc, s, (H, W), _valid_convs.get(), FORMULATION)
+    y = _adj_op(x, wc, s, (H, W), _valid_convs.get(), formulation())
     return y if b is None else y + b
 
 
