@@ -113,8 +113,11 @@ def test_plan_picks_by_shape(monkeypatch):
     assert p(191, 1100, 18, 18, 2, 3) == {"fwd": "patches", "adj": "patches", "wgrad": "taps"}   # CNN-5.5M
     assert p(16, 85, 43, 43, 2, 7) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}            # CNN-5.5M
     assert p(1, 61, 28, 28, 2, 5) == {"fwd": "patches", "adj": "conv", "wgrad": "patches"}       # cls first layer
-    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}         # cls last layer
+    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "conv"}         # cls last layer
     assert p(122, 122, 12, 12, 2, 3) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}       # cls k=3, s=2
+    # with padded convolutions (a jaxlib without the YNNPACK option), taps on small outputs
+    assert p(244, 244, 8, 8, 1, 3, valid=False) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}
+    assert p(122, 122, 12, 12, 2, 3, valid=False) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}
     assert p(141, 191, 37, 37, 1, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}          # CNN-5.5M
     assert p(13, 16, 92, 91, 1, 5) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}            # CNN-1M, narrow k=5
     assert p(96, 163, 38, 38, 1, 5) == {"fwd": "conv", "adj": "fft", "wgrad": "fft"}             # CNN-1M, wide k=5
@@ -127,7 +130,7 @@ def test_plan_picks_by_shape(monkeypatch):
     assert p(15, 22, 86, 85, 1, 9) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
     monkeypatch.setattr(fc, "FORMULATION", "no_fft")
     assert p(15, 22, 86, 85, 1, 9) == {"fwd": "conv", "adj": "conv", "wgrad": "conv"}
-    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}
+    assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "conv"}
     monkeypatch.setattr(fc, "FORMULATION", "fft")
     assert p(13, 15, 96, 95, 1, 3) == {"fwd": "fft", "adj": "fft", "wgrad": "fft"}
     assert p(191, 1100, 18, 18, 2, 3) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}

@@ -157,12 +157,14 @@ def _out(n: int, k: int, s: int) -> int:
 # --------------------------------------------------------------------------- the 3 kernels
 
 
-def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None = None) -> dict:
+def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None = None, valid: bool = True) -> dict:
     """Formulation of each kernel of a layer: ``ci``/``co`` its input and output channels,
     ``ho x wo`` its output size, ``s`` its stride, ``k`` its kernel size. Returns ``{"fwd":
     "conv"|"patches"|"taps"|"fft", "adj": "conv"|"patches"|"fft", "wgrad":
     "conv"|"taps"|"patches"|"fft"}``. ``form``: a :data:`FORMULATION` value (default:
-    :func:`formulation`, read now).
+    :func:`formulation`, read now). ``valid``: whether the program's stride-1 convolutions run
+    unpadded (:func:`valid_convs`, as in every :func:`jit` program); with padded ones the weight
+    gradient of a small output takes the taps, with unpadded ones ``conv`` (below).
 
     Measured on 2 cores (batch 32, jaxlib 0.10.2) on every layer of the study's CNNs:
 
@@ -178,8 +180,17 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
       (``ci >= 48``: 5.5M 309 -> 214 ms) and loses with narrow ones (CNN-218k 31 <- 141: 39 -> 50
       ms). Strided wgrad: ``k*k`` tap matmuls (the patch matmul only for one input channel).
     * stride 1: Eigen's convolutions win on images of 26x26 and more (by 1.5-7x); on the
-      classifiers' last layers (output 10x10, 8x8) the patch adjoint (c1m: 15.2 -> 10.6 ms) and
-      the tap weight gradient (13.9 -> 12.2 ms) win.
+      classifiers' last layers (output 10x10, 8x8) the patch adjoint (c1m: 15.2 -> 10.6 ms) and,
+      against padded convolutions, the tap weight gradient (13.9 -> 12.2 ms) win.
+    * small outputs (<= 256 pixels), stride 1, in programs with unpadded convolutions
+      (2026-11-28, each kernel alone, 13 rounds): the weight gradient as one Eigen convolution
+      beats the taps (cls 1M 122 -> 244 at 12x12: 13.8 -> 12.1 ms; 244 -> 244: 15.4 -> 13.3; 4M
+      244 -> 488: 38.2 -> 35.4; 488 -> 488: 55.9 -> 44.5). Whole training steps, paired rounds
+      against the taps: cls 250k 0.97, 1M 0.97, 4M 0.98; the segmenters have no such layer. The
+      strided forward as an unpadded space-to-depth convolution also beat or tied the taps alone
+      (122 -> 122: 15.9 -> 12.6 ms) and in training steps (0.92-0.98), but not in inference: there
+      XLA puts it in the YNNPACK fusion that already holds the layers after it, up to the
+      pooling (1M 53 -> 85 ms, 4M 188 -> 302 ms), so the taps stay.
     * stride 1, large kernels (``_fwd_fft``, ``_adj_fft``, ``_wgrad_fft``: products of rfft2
       spectra): the input and weight gradients together (they share the cotangent's spectrum)
       win for ``k >= 7`` and for ``k = 5`` with ``ci * co >= 4096``: 15 -> 22, k=9, at 94x93:
@@ -205,7 +216,7 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
     if s == 1:
         if form == "auto" and not small and (k >= 7 or (k >= 5 and ci * co >= 4096)):
             return {"fwd": "fft" if k >= 9 else "conv", "adj": "fft", "wgrad": "fft"}
-        return {"fwd": "conv", "adj": pick(small), "wgrad": "taps" if small else "conv"}
+        return {"fwd": "conv", "adj": pick(small), "wgrad": "taps" if small and not valid else "conv"}
     if ci == 1 or (co >= 2 * ci and ho * wo <= 1024):
         fwd = "patches"
     else:
@@ -237,7 +248,7 @@ def _fwd(x, w, s, valid=False, form=None):
     """
     k, _, ci, co = w.shape
     Ho, Wo = _out(x.shape[1], k, s), _out(x.shape[2], k, s)
-    how = _plan(ci, co, Ho, Wo, s, k, form)["fwd"]
+    how = _plan(ci, co, Ho, Wo, s, k, form, valid)["fwd"]
     if how == "fft":
         return _fwd_fft(x, w)
     if how == "patches":
@@ -332,7 +343,7 @@ def _wgrad(x, dy, k, s, valid=False, form=None):
     ``_wgrad_taps``. Or (``_plan``) the tap matmuls at stride 1 too, or one matmul over the
     patches.
     """
-    how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s, k, form)["wgrad"]
+    how = _plan(x.shape[-1], dy.shape[-1], dy.shape[1], dy.shape[2], s, k, form, valid)["wgrad"]
     if how == "fft":
         return _wgrad_fft(x, dy, k)
     if how == "patches":
