@@ -14,6 +14,10 @@ layout copies and (unless --repeats=0) its time: DIR/layers.json and DIR/layers.
 environment variables in one process, timed alternately against the first (DIR/variants.json and
 DIR/variants.md: times, paired ratios, cost analysis, XLA temporaries, output difference); e.g.
 SPHERE_JAX_BOUNDARY=xla against pallas, SPHERE_JAX_GRID_DTYPE=float32 against bfloat16.
+--aot=TARGET (h200, h100 or a target-config file): instead of timing, compile each --models training
+step (--train_batch) for that GPU on this machine, which needs JAX's CUDA plugin but no GPU, and
+report its kernels by kind, their bytes (XLA's generic cost analysis), layout copies and memory;
+with --env_variants, once per setting (DIR/aot.json, DIR/aot.md; sphere_jax.aot).
 --profile=MODEL,...: trace a few training steps of each model and attribute the traced time to
 layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling).
 Every model is measured in its own subprocess (peak RSS).
@@ -66,6 +70,10 @@ flags.DEFINE_list("variants", None, "instead of whole models: these models under
                   "process, timed alternately (--layouts_what, --train_batch, --repeats rounds); writes variants.json/.md")
 flags.DEFINE_list("env_variants", ["xla:SPHERE_JAX_BOUNDARY=xla", "pallas:SPHERE_JAX_BOUNDARY=pallas"],
                   "--variants: NAME:VAR=VAL+VAR=VAL per variant; the first is the reference")
+flags.DEFINE_string("aot", None, "instead of timing: compile each of --models' training step (--train_batch, --L or "
+                    "its study band-limit) for this GPU without one: a name of sphere_jax.aot.TARGETS or a "
+                    "target-config file (needs JAX's CUDA plugin, not a GPU); once per --env_variants setting "
+                    "when that flag is given. Writes aot.json and aot.md")
 flags.DEFINE_bool("torch", False, "also time each planar CNN against its PyTorch twin (experiments/torch_twin.py, "
                   "needs pip install -e .[torch]): both in one process, alternately, --torch_rounds rounds; "
                   "report the medians and the median per-round ratio (vs_torch.md)")
@@ -256,6 +264,48 @@ def variant_comparison():
     print(text + f"wrote {FLAGS.out}/variants.json, variants.md")
 
 
+def aot_markdown(rows: list[dict]) -> str:
+    lines = ["| model | L | batch | settings | GFLOP | GB | GB / first | layout copies GB | temp GB | kernels | "
+             "largest kinds (GB) | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
+    for r in rows:
+        env = " ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "(defaults)"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['L']} | | {env} | error: {r['error']} | | | | | | | |")
+            continue
+        ref = first.setdefault((r["model"], r["L"], r["batch"]), r["gb"])
+        kinds = ", ".join(f"{k} {v['gb']:.1f}" for k, v in list(r["by_kind"].items())[:3])
+        lines.append(f"| {r['model']} | {r['L']} | {r['batch']} | {env} | {r['gflop']:.0f} | {r['gb']:.1f} | "
+                     f"{r['gb'] / ref:.3f} | {r['copy_gb']:.1f} | {r['temp_gb']:.2f} | {r['kernels']} | {kinds} | "
+                     f"{r['compile_s']} |")
+    target = rows[0].get("target", "?") if rows else "?"
+    return "\n".join(lines) + (
+        f"\n\nCompiled for {target} on a machine without a GPU (sphere_jax.aot, jax {rows[0].get('jax') if rows else '?'}): "
+        "no autotuning; bytes from XLA's generic HLO cost analysis of the GPU program, which is not the GPU "
+        "backend's own count: compare rows with each other.\n")
+
+
+def aot_costs():
+    variants = parse_env_variants(FLAGS.env_variants) if FLAGS["env_variants"].present else {"defaults": {}}
+    rows = []
+    for name in FLAGS.models or ["s2cnn_204k"]:
+        try:
+            benchmark.model_task(name)
+        except ValueError as e:
+            raise app.UsageError(str(e))
+        for env in variants.values():
+            case = {"aot_model": name, "L": FLAGS.L or benchmark.study_L(name, FLAGS.reduced),
+                    "batch": FLAGS.train_batch or 1, "target": FLAGS.aot, "env": env}
+            rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "by_kind"}), flush=True)
+    with open(os.path.join(FLAGS.out, "aot.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    text = aot_markdown(rows)
+    with open(os.path.join(FLAGS.out, "aot.md"), "w") as f:
+        f.write(text)
+    print(text + f"wrote {FLAGS.out}/aot.json, aot.md")
+
+
 def step_profiles():
     from sphere_jax import profiling
 
@@ -280,6 +330,15 @@ def step_profiles():
 
 
 def main(_):
+    if FLAGS.aot:
+        from sphere_jax import aot
+
+        try:
+            aot.target_config(FLAGS.aot)
+        except ValueError as e:
+            raise app.UsageError(str(e))
+        os.makedirs(FLAGS.out, exist_ok=True)
+        return aot_costs()
     if FLAGS.profile:
         os.makedirs(FLAGS.out, exist_ok=True)
         return step_profiles()

@@ -81,6 +81,11 @@ T0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
   $PY -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+# the chip's exact description, for compiling its programs on a CPU afterwards (sphere_jax.aot):
+# cut it out of env.txt between the markers into a file and pass that file as --aot=FILE
+{ echo "--- GpuTargetConfig begin"
+  $PY -c "from sphere_jax import aot; print(aot.device_target_config())" 2>&1 | tail -60
+  echo "--- GpuTargetConfig end"; } >> "$OUT/env.txt"
 if [ -n "${SMOKE:-}" ]; then
   L=12; CLS_L=30; SEG_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=8 --set n_test=64)
   CLS_SET=(--set steps=${SMOKE_STEPS:-6} --set eval_every=3 --set checkpoint_every=3 --set n_holdout=32 --set L=30 --set n_test=64)

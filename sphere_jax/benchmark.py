@@ -571,11 +571,27 @@ def transforms_markdown(rows: list[dict]) -> str:
 
 
 def _case_model(case: dict):
-    return next((case[k] for k in ("model", "layers", "layout_model", "variants_model", "profile") if case.get(k)), None)
+    return next((case[k] for k in ("model", "layers", "layout_model", "variants_model", "profile", "aot_model")
+                 if case.get(k)), None)
+
+
+def aot_case(case: dict) -> dict:
+    """``{"aot_model": NAME, "L", "batch", "target", "env"}`` -> :func:`sphere_jax.aot.train_step_cost`
+    (compiled for that GPU without one), with ``env`` (the settings it ran under) added. Run it
+    through :func:`run_in_subprocess`, which applies ``env`` to the subprocess."""
+    from sphere_jax import aot
+
+    row = aot.train_step_cost(case["aot_model"], int(case["L"]), int(case["batch"]), case.get("target", "h200"))
+    return {**row, "env": case.get("env", {})}
 
 
 def run_in_subprocess(case: dict, timeout: float = 1800) -> dict:
+    """Run one case in a fresh ``python -m sphere_jax.benchmark CASE_JSON`` and return its row
+    (``{"model", "L", "error": [last error line]}`` if it failed or timed out). An ``aot_model``
+    case runs on JAX's CPU platform, with its ``env`` settings added to the environment."""
     env = dict(os.environ)
+    if "aot_model" in case:
+        env.update({"JAX_PLATFORMS": "cpu", **case.get("env", {})})
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "sphere_jax.benchmark", json.dumps(case)],
@@ -667,5 +683,6 @@ if __name__ == "__main__":
     if "profile" in _case:
         from sphere_jax.profiling import profile_case as _profile_case
     _run = (_profile_case if "profile" in _case else transforms_case if "transforms" in _case else layer_case if "layers" in _case
-            else layout_case if "layout_model" in _case else variants_case if "variants_model" in _case else run_case)
+            else layout_case if "layout_model" in _case else variants_case if "variants_model" in _case
+            else aot_case if "aot_model" in _case else run_case)
     print(json.dumps(_run(_case)))
