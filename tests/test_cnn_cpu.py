@@ -85,6 +85,19 @@ def chunked(monkeypatch):
     return set_mode
 
 
+@pytest.mark.parametrize("k,s", [(3, 2), (5, 2), (3, 3), (5, 3), (2, 3)])
+def test_strided_forward_by_input_phases(k, s):
+    """``_fwd_phases`` (s*s stride-1 convolutions, one per input phase) equals lax's strided
+    convolution, also where a phase's kernel is 1x1 (a matmul) or empty (k < s)."""
+    rng = np.random.default_rng(k * 10 + s)
+    x, w = _rand(rng, (2, 17, 14, 5)), _rand(rng, (k, k, 5, 6))
+    ref = lax.conv_general_dilated(x, w, (s, s), "VALID", dimension_numbers=fc._DN, precision=lax.Precision.HIGHEST)
+    Ho, Wo = ref.shape[1:3]
+    out = jax.jit(lambda x, w: fc._fwd_phases(x, w, s, Ho, Wo))(x, w)
+    assert out.shape == ref.shape
+    assert float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))) < 1e-5
+
+
 def test_a_program_keeps_the_formulation_it_was_made_under(monkeypatch):
     """``conv_cpu.jit`` programs trace under the formulation of the moment they were made, also
     when JAX traces them again for new kinds of arguments. They used to read the global then: a
@@ -114,7 +127,7 @@ def test_plan_picks_by_shape(monkeypatch):
     assert p(16, 85, 43, 43, 2, 7) == {"fwd": "conv", "adj": "conv", "wgrad": "taps"}            # CNN-5.5M
     assert p(1, 61, 28, 28, 2, 5) == {"fwd": "patches", "adj": "conv", "wgrad": "patches"}       # cls first layer
     assert p(244, 244, 8, 8, 1, 3) == {"fwd": "conv", "adj": "patches", "wgrad": "conv"}         # cls last layer
-    assert p(122, 122, 12, 12, 2, 3) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}       # cls k=3, s=2
+    assert p(122, 122, 12, 12, 2, 3) == {"fwd": "phase", "adj": "patches", "wgrad": "taps"}      # cls k=3, s=2
     # with padded convolutions (a jaxlib without the YNNPACK option), taps on small outputs
     assert p(244, 244, 8, 8, 1, 3, valid=False) == {"fwd": "conv", "adj": "patches", "wgrad": "taps"}
     assert p(122, 122, 12, 12, 2, 3, valid=False) == {"fwd": "taps", "adj": "patches", "wgrad": "taps"}
@@ -214,7 +227,7 @@ def test_nearest_resize():
 
 # every layer kind (1M, 5.5M: same layers); the segmenter also with every stride-1 kernel by rfft2
 @pytest.mark.parametrize("name,form", [("cnn_218k", "auto"), ("cnn_218k", "fft"), ("cnn_cls_68k", "auto"),
-                                       ("cnn_cls_250k", "auto")])
+                                       ("cnn_cls_250k", "auto"), ("cnn_cls_250k", "valid")])
 def test_cpu_model_matches_lax_model(name, form, monkeypatch):
     """conv_impl="cpu" and "lax": same parameter tree and initial values; same logits and
     parameter gradients.
@@ -222,7 +235,10 @@ def test_cpu_model_matches_lax_model(name, form, monkeypatch):
     Compared in float64: in float32 a pre-activation within round-off of 0 (seen: 1.3e-7) can
     flip a ReLU between the two (equally exact) formulations and change a gradient by %.
     """
-    monkeypatch.setattr(fc, "FORMULATION", form)
+    # "valid": the plan of conv_cpu.jit programs (unpadded convolutions: the strided layer's
+    # forward by input phases, the small weight gradients as convolutions)
+    monkeypatch.setattr(fc, "FORMULATION", "auto" if form == "valid" else form)
+    fast_jit = (lambda f: fc.jit(f, fc.YNN_DOTS_AND_REDUCES)) if form == "valid" else jax.jit
     seg = name in cnn.SEGMENTERS
     cfg = (cnn.SEGMENTERS if seg else cnn.CLASSIFIERS)[name]
     m = cfg.min_input_size()
@@ -244,12 +260,12 @@ def test_cpu_model_matches_lax_model(name, form, monkeypatch):
             [jnp.asarray(np.asarray(a, np.float64) + 0.01 * n) for a, n in zip(jax.tree_util.tree_leaves(p0), noise)])
         x64 = jnp.asarray(np.asarray(x, np.float64))
         y0 = jax.jit(plain.apply)(params, x64)
-        y1 = jax.jit(fast.apply)(params, x64)
+        y1 = fast_jit(fast.apply)(params, x64)
         assert y1.dtype == jnp.float64
         e = rel(y1, y0); assert e < TOL
         ct = jnp.asarray(rng.normal(size=y0.shape))
         g0 = jax.jit(jax.grad(lambda p: jnp.sum(plain.apply(p, x64) * ct)))(params)
-        g1 = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply(p, x64) * ct)))(params)
+        g1 = fast_jit(jax.grad(lambda p: jnp.sum(fast.apply(p, x64) * ct)))(params)
         flat0 = jax.tree_util.tree_leaves_with_path(g0)
         flat1 = jax.tree_util.tree_leaves(g1)
         for (path, a), b in zip(flat0, flat1):

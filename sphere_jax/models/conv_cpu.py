@@ -160,11 +160,11 @@ def _out(n: int, k: int, s: int) -> int:
 def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None = None, valid: bool = True) -> dict:
     """Formulation of each kernel of a layer: ``ci``/``co`` its input and output channels,
     ``ho x wo`` its output size, ``s`` its stride, ``k`` its kernel size. Returns ``{"fwd":
-    "conv"|"patches"|"taps"|"fft", "adj": "conv"|"patches"|"fft", "wgrad":
+    "conv"|"patches"|"taps"|"phase"|"fft", "adj": "conv"|"patches"|"fft", "wgrad":
     "conv"|"taps"|"patches"|"fft"}``. ``form``: a :data:`FORMULATION` value (default:
     :func:`formulation`, read now). ``valid``: whether the program's stride-1 convolutions run
     unpadded (:func:`valid_convs`, as in every :func:`jit` program); with padded ones the weight
-    gradient of a small output takes the taps, with unpadded ones ``conv`` (below).
+    gradient and the strided forward of a small output take the taps (below).
 
     Measured on 2 cores (batch 32, jaxlib 0.10.2) on every layer of the study's CNNs:
 
@@ -186,11 +186,15 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
       (2026-11-28, each kernel alone, 13 rounds): the weight gradient as one Eigen convolution
       beats the taps (cls 1M 122 -> 244 at 12x12: 13.8 -> 12.1 ms; 244 -> 244: 15.4 -> 13.3; 4M
       244 -> 488: 38.2 -> 35.4; 488 -> 488: 55.9 -> 44.5). Whole training steps, paired rounds
-      against the taps: cls 250k 0.97, 1M 0.97, 4M 0.98; the segmenters have no such layer. The
-      strided forward as an unpadded space-to-depth convolution also beat or tied the taps alone
-      (122 -> 122: 15.9 -> 12.6 ms) and in training steps (0.92-0.98), but not in inference: there
-      XLA puts it in the YNNPACK fusion that already holds the layers after it, up to the
-      pooling (1M 53 -> 85 ms, 4M 188 -> 302 ms), so the taps stay.
+      against the taps: cls 250k 0.97, 1M 0.97, 4M 0.98; the segmenters have no such layer.
+      The strided forward of a small output: ``s*s`` unpadded stride-1 convolutions, one per
+      input phase, with that phase's taps (``_fwd_phases``: exact FLOPs, no patch or tap copies)
+      beat the taps alone (122 -> 122, k=3, s=2: 14.3 -> 12.7 ms; 244 -> 244: 44.0 -> 30.0;
+      60 -> 60: 4.9 -> 5.0) and in whole programs (training steps 250k 0.94, 1M 0.96, 4M 0.97;
+      inference the same or 2-5 % faster). The unpadded space-to-depth convolution also won in
+      training (0.92-0.98) but lost 60 % in inference, where XLA put it into the YNNPACK fusion
+      that holds the layers after it (1M 53 -> 85 ms). The weight gradient by phases lost to
+      the taps (122 -> 122: 11.9 -> 15.3 ms).
     * stride 1, large kernels (``_fwd_fft``, ``_adj_fft``, ``_wgrad_fft``: products of rfft2
       spectra): the input and weight gradients together (they share the cotangent's spectrum)
       win for ``k >= 7`` and for ``k = 5`` with ``ci * co >= 4096``: 15 -> 22, k=9, at 94x93:
@@ -220,7 +224,7 @@ def _plan(ci: int, co: int, ho: int, wo: int, s: int, k: int, form: str | None =
     if ci == 1 or (co >= 2 * ci and ho * wo <= 1024):
         fwd = "patches"
     else:
-        fwd = "taps" if small else "conv"
+        fwd = ("phase" if valid else "taps") if small else "conv"
     return {"fwd": fwd, "adj": pick(ci >= 48), "wgrad": "patches" if ci == 1 else "taps"}
 
 
@@ -256,6 +260,8 @@ def _fwd(x, w, s, valid=False, form=None):
     if how == "taps":
         return sum(jnp.dot(_tap(x, a, b, s, Ho, Wo), w[a, b], precision=lax.Precision.HIGHEST)
                    for a in range(k) for b in range(k))
+    if how == "phase":
+        return _fwd_phases(x, w, s, Ho, Wo)
     if s > 1:
         return _fwd_s2d(x, w, s, valid, form)
     if valid:
@@ -264,6 +270,26 @@ def _fwd(x, w, s, valid=False, form=None):
     y = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, k)), dimension_numbers=_DN,
                                  precision=lax.Precision.HIGHEST)
     return y[:, :, :Wo]
+
+
+def _fwd_phases(x, w, s, Ho, Wo):
+    """Stride-s VALID conv as s*s stride-1 VALID convs, one per input phase ``x[:, p::s, q::s]``
+    with the kernel taps of that phase ``w[p::s, q::s]`` (1x1 ones as matmuls), summed."""
+    out = None
+    for p in range(s):
+        for q in range(s):
+            wp = w[p::s, q::s]
+            kp, kq = wp.shape[:2]
+            if kp == 0 or kq == 0:  # k < s: this phase meets no tap
+                continue
+            xp = x[:, p::s, q::s][:, :Ho + kp - 1, :Wo + kq - 1]
+            if kp == 1 and kq == 1:
+                y = jnp.dot(xp, wp[0, 0], precision=lax.Precision.HIGHEST)
+            else:
+                y = lax.conv_general_dilated(xp, wp, (1, 1), "VALID", dimension_numbers=_DN,
+                                             precision=lax.Precision.HIGHEST)
+            out = y if out is None else out + y
+    return out
 
 
 def _fwd_s2d(x, w, s, valid=False, form=None):
