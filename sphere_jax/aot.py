@@ -34,7 +34,9 @@ import time
 
 # Target configurations in the form a device reports them (xla_client.get_topology_for_devices
 # (jax.devices()).target_config), written from NVIDIA's published figures: 132 SMs, 50 MB L2,
-# compute capability 9.0; H100 SXM 80 GB at 3.35 TB/s, H200 141 GB at 4.8 TB/s. cuDNN 9.
+# compute capability 9.0; H100 SXM 80 GB at 3.35 TB/s; H200 at 4.8 TB/s with the 143,771 MiB
+# that the lent H200's nvidia-smi reported. cuDNN 9. Not read from a device: replace them with
+# the file a GPU window writes (device_target_config) when there is one.
 _HOPPER = """gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
