@@ -17,7 +17,8 @@ What it lacks against a real device:
   program's optimized module instead. It counts the same kernels but not the same way as the
   GPU backend's analysis: on the 204k segmenter's step (L=50, batch 32, commit 366a1dd, jax
   0.11.2) it says 118.3 GB where the H200 said 99.0 GB (results/gpu/README.md). Compare its
-  numbers with each other (before and after a change), not with the GPU's.
+  numbers with each other (before and after a change), not with the GPU's. Library calls count
+  their operands' bytes but no FLOPs: the CNNs' cuDNN convolutions give a step of a few GFLOP.
 * No timing, of course.
 
 ``python -m experiments.benchmark --aot=h200 --models=s2cnn_204k`` runs :func:`train_step_cost`
