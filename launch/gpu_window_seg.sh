@@ -199,7 +199,7 @@ PY
 )
 read -r BEST BEST_LAYOUT <<< "$BEST"
 if [ -n "${BEST_VARIANT:-}" ]; then IFS=/ read -r BEST BEST_LAYOUT <<< "$BEST_VARIANT"; BEST_LAYOUT=${BEST_LAYOUT:-gamma_first}; fi
-export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT SPHERE_JAX_GRID_DTYPE=float32  # layout: read with "dft" only
+export SPHERE_JAX_SO3_LAYOUT=$BEST_LAYOUT SPHERE_JAX_GRID_DTYPE=float32 SPHERE_JAX_COEFF_DTYPE=float32  # layout: read with "dft" only
 # where the step's time and bytes go: each layer's forward + backward alone (one more line of
 # benchmark.jsonl, label "layers-$BEST"); LAYERS=0 skips it (about a minute)
 if stage bench && [ "${LAYERS:-1}" != 0 ]; then
@@ -385,17 +385,20 @@ elif [ "$SEG_MODE" != none ]; then  # one process per variant, alone on the GPU 
       # runs); each line of input_scale.log starts with its variant. The classification runs
       # get what is left of TRAIN_S. SEG_MODE=dtype: issue 10's question whether bfloat16 grids
       # (0.67x the float32 step on an H200) learn as well: the same run (rms60, the library's
-      # input scale, seed 0) with float32 and with bfloat16 grids; lines start "float32 rms60" or
-      # "bfloat16 rms60".
+      # input scale, seed 0) under each of DTYPES (default "float32 bfloat16/bfloat16": GRID[/COEFF],
+      # SPHERE_JAX_GRID_DTYPE and SPHERE_JAX_COEFF_DTYPE); lines start with that token, e.g.
+      # "float32 rms60" or "bfloat16/bfloat16 rms60".
   mkdir -p "$SWEEP/input_scale"; : > "$OUT/input_scale.log"
-  if [ "$SEG_MODE" = dtype ]; then runs="float32:rms60 bfloat16:rms60"; else runs="float32:none1 float32:rms60"; fi
+  if [ "$SEG_MODE" = dtype ]; then runs=""; for d in ${DTYPES:-float32 bfloat16/bfloat16}; do runs="$runs $d:rms60"; done
+  else runs="float32:none1 float32:rms60"; fi
   for dv in $runs; do
-    dt=${dv%%:*}; v=${dv#*:}; tag=""; [ "$SEG_MODE" = dtype ] && tag="$dt "
-    SPHERE_JAX_GRID_DTYPE=$dt SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m experiments.input_scale --model=s2cnn_204k \
+    dd=${dv%%:*}; v=${dv#*:}; tag=""; [ "$SEG_MODE" = dtype ] && tag="$dd "
+    dt=${dd%%/*}; ct=float32; [ "$dd" != "$dt" ] && ct=${dd#*/}
+    SPHERE_JAX_GRID_DTYPE=$dt SPHERE_JAX_COEFF_DTYPE=$ct SPHERE_JAX_TRANSFORMS=$BEST timeout -s TERM "$TRAIN_S" $PY -m experiments.input_scale --model=s2cnn_204k \
       --L="$L" --steps="$SCALE_STEPS" --eval_every=$(( SCALE_STEPS / 4 > 0 ? SCALE_STEPS / 4 : 1 )) \
       --learning_rate=1e-3 --variants=$v --n_test=$(( EVAL_N > 0 ? EVAL_N : 1000 )) \
-      --digits_npz="$PWD/.whl/data/mnist.npz" --out="$SWEEP/input_scale/seg_L${L}_$v${tag:+_$dt}" 2>&1 \
-      | sed -u "s/^/$tag/" >> "$OUT/input_scale.log" &
+      --digits_npz="$PWD/.whl/data/mnist.npz" --out="$SWEEP/input_scale/seg_L${L}_$v${tag:+_${dd//\//_}}" 2>&1 \
+      | sed -u "s|^|$tag|" >> "$OUT/input_scale.log" &
     SEG_PIDS+=($!)
   done
   wait "${SEG_PIDS[@]}"; SEG_PIDS=()

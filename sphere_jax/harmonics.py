@@ -481,6 +481,23 @@ def grid_dtype() -> jnp.dtype:
     return jnp.dtype(v)
 
 
+def coeff_dtype() -> jnp.dtype:
+    """The dtype in which gamma-first S2CNN layers store their harmonic coefficients (the
+    output of :func:`so3_forward_gf`, the kernels' block products, their cotangents):
+    ``float32`` (the default) or ``bfloat16``. The products then take bfloat16 operands (XLA
+    accumulates such dots in float32 on GPUs, and computes them in float32 on CPUs); the
+    parameters and their gradients stay float32; what is rounded is each stored coefficient,
+    to 8 significant bits. With bfloat16 grids (:func:`grid_dtype`) the coefficients' layout copies between the
+    Wigner steps and the block products are the largest float32 traffic left: about a quarter
+    of the 204k segmenter's step bytes in the H200's program (``results/gpu/README.md``).
+    Set by ``SPHERE_JAX_COEFF_DTYPE``; read when a model is traced. Channels-last layers ignore
+    it."""
+    v = os.environ.get("SPHERE_JAX_COEFF_DTYPE", "float32")
+    if v not in GRID_DTYPES:
+        raise ValueError(f"SPHERE_JAX_COEFF_DTYPE={v!r}; choose one of {GRID_DTYPES}")
+    return jnp.dtype(v)
+
+
 BOUNDARIES = ("xla", "pallas")
 
 
@@ -643,15 +660,16 @@ def _batched_left_matmul(m: np.ndarray, x: jax.Array) -> jax.Array:
     return f(x)
 
 
-def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
+def so3_forward_gf(x: jax.Array, table: jax.Array, out_dtype=jnp.float32) -> jax.Array:
     """Real SO(3) signal, gamma first, ``[2N-1, 2L-1, B, C, 2L]`` (``N = L``) -> half coefficients
     ``[Lb, 2Lb-1, 2, B, C, Lb]`` indexed ``[n >= 0, Lb-1+m, re/im, b, c, l]``: the same numbers as
     :func:`so3_forward_half` with ``L_band=Lb``, for the ``table`` of :func:`so3_table_gf`
     ``(L, True, Lb)``. Three matrix products, none of which moves the data first: gamma -> n on
     the leading axis, alpha -> m batched over n, beta -> l batched over (n, m). The grid-sized
     steps run in ``x``'s dtype (float32 or bfloat16, see :func:`grid_dtype`); the coefficients
-    are float32. ``x`` may be a :class:`PendingGrid`: with its ReLU and
-    ``SPHERE_JAX_BOUNDARY=pallas`` the grid is then never written (see :func:`boundary`)."""
+    are accumulated in float32 and returned in ``out_dtype`` (see :func:`coeff_dtype`). ``x``
+    may be a :class:`PendingGrid`: with its ReLU and ``SPHERE_JAX_BOUNDARY=pallas`` the grid is
+    then never written (see :func:`boundary`)."""
     Nb, Mb, T, Lb = table.shape
     L = T // 2
     K = 2 * L - 1
@@ -678,7 +696,7 @@ def so3_forward_gf(x: jax.Array, table: jax.Array) -> jax.Array:
     ma = np.stack([np.stack([c, s], 1), np.stack([-s, c], 1)], 1).reshape(2 * Mb, 2 * K)
     y = _batched_left_matmul(ma, a.astype(dt)).reshape(Nb, Mb, 2 * B * C, T)
     out = jnp.einsum("nmzt,nmtl->nmzl", y, table.astype(dt), preferred_element_type=jnp.float32)  # beta -> l
-    return out.reshape(Nb, Mb, 2, B, C, Lb)
+    return out.astype(out_dtype).reshape(Nb, Mb, 2, B, C, Lb)
 
 
 def so3_inverse_gf(coeffs: jax.Array, table: jax.Array, dtype=jnp.float32, pending: bool = False) -> jax.Array:
@@ -737,7 +755,7 @@ def so3_half_to_full_gf(c: jax.Array, m_nonneg: bool = False) -> jax.Array:
     sm = (-1.0) ** np.abs(ms)
     sn = (-1.0) ** np.arange(N - 1, 0, -1)  # rows n = N-1 .. 1 -> -n
     conj = np.array([1.0, -1.0])
-    sign = (sn[:, None, None] * sm[None, :, None] * conj[None, None, :]).astype(np.float32)
+    sign = jnp.asarray(sn[:, None, None] * sm[None, :, None] * conj[None, None, :], c.dtype)
     if m_nonneg:  # F[n, -m] for m >= 0 are the columns m <= 0, flipped
         c_neg, c_pos = c[1:, :L], c[:, L - 1 :]
     else:

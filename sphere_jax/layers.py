@@ -259,7 +259,7 @@ class S2Conv(nn.Module):
             # real (re, im)-stacked product straight into the gamma-first coefficient order
             f2 = jnp.stack([jnp.real(flm), jnp.imag(flm)])  # [re/im, B, l, m, C]
             g = jnp.einsum("rblmc,rslncd->nmsbdl", f2, _complex_as_real(psi))  # [n, m, re/im, B, D, l]
-            return _grid_out(g, self.L_out, Lc, tables, b)
+            return _grid_out(g.astype(hm.coeff_dtype()), self.L_out, Lc, tables, b)
         g = jnp.einsum("blmc,lncd->bnlmd", flm, psi)
         g = _pad_end(_pad_end(g, 1, self.L_out), 2, self.L_out)
         g = _pad_centre(g, 3, 2 * self.L_out - 1)
@@ -321,7 +321,8 @@ class _SO3Filter(nn.Module):
     def _input_coeffs_gf(self, x, tables, full: bool = True):
         """Gamma-first input ``[2L-1, 2L-1, B, C, 2L]`` -> coefficients ``[2Lc-1 (n), 2Lc-1 (m),
         2 (re/im), B, C, Lc (l)]`` truncated to ``Lc = min(L_in, L_out)`` (computed band-limited);
-        with ``full=False`` the half ``n >= 0`` only, ``[Lc, 2Lc-1, 2, B, C, Lc]``."""
+        with ``full=False`` the half ``n >= 0`` only, ``[Lc, 2Lc-1, 2, B, C, Lc]``; in the
+        dtype of :func:`sphere_jax.harmonics.coeff_dtype`."""
         name = type(self).__name__
         _check_bandlimits(name, self.L_in, self.L_out)
         L = self.L_in
@@ -330,7 +331,7 @@ class _SO3Filter(nn.Module):
                 f"{name} (gamma first) expects [{2 * L - 1}, {2 * L - 1}, batch, channels, {2 * L}] (L_in={L}), got {x.shape}"
             )
         Lc = min(self.L_in, self.L_out)
-        F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)))
+        F = hm.so3_forward_gf(x, hm.lookup(tables, hm.so3_gf_key(L, True, Lc)), hm.coeff_dtype())
         return (hm.so3_half_to_full_gf(F) if full else F), Lc
 
     def _specs(self, out_kind: str) -> dict:
@@ -416,8 +417,8 @@ class SO3Conv(_SO3Filter):
             if half:
                 Hb = self._half_block(Fb[:l1, s], psi, l1)
             else:
-                psi2 = _complex_as_real(psi)  # [re/im of F, re/im of H, l, k, n, c, d]
-                Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", Fb[s, s], psi2)
+                psi2 = _complex_as_real(psi).astype(F.dtype)  # [re/im of F, re/im of H, l, k, n, c, d]
+                Hb = jnp.einsum("nmrbcl,rslkncd->kmsbdl", Fb[s, s], psi2, preferred_element_type=F.dtype)
             blocks.append(_pad_centre(_pad_end(Hb, 0, Lc), 1, 2 * Lc - 1))
         H = jnp.concatenate(blocks, axis=5)  # [k, m, re/im, B, D, l]
         return _grid_out(H, self.L_out, Lc, tables, b)
@@ -434,9 +435,9 @@ class SO3Conv(_SO3Filter):
         coefficients as they are, in one product against the two stacked kernels, and the
         second is read at ``-m`` afterwards (a flip of its output along ``m``). The FLOPs are
         those of the full product (``2 l1`` orders against ``2 l1 - 1``)."""
-        A = _half_orders_as_real(psi, axis=2)  # [re/im in, 2, re/im out, l, k, n >= 0, c, d]
-        o = jnp.einsum("nmrbcl,rwslkncd->wkmsbdl", F, A)  # [2, k, m (all), re/im, B, D, l]
-        sm = ((-1.0) ** np.abs(np.arange(-l1 + 1, l1))).astype(np.float32)[:, None, None, None, None]
+        A = _half_orders_as_real(psi, axis=2).astype(F.dtype)  # [re/im in, 2, re/im out, l, k, n >= 0, c, d]
+        o = jnp.einsum("nmrbcl,rwslkncd->wkmsbdl", F, A, preferred_element_type=F.dtype)  # [2, k, m, re/im, B, D, l]
+        sm = jnp.asarray((-1.0) ** np.abs(np.arange(-l1 + 1, l1)), F.dtype)[:, None, None, None, None]
         return o[0] + sm * jnp.flip(o[1], axis=1)
 
 
@@ -498,8 +499,8 @@ class SO3ToS2(_SO3Filter):
         afterwards (a flip of the small output). Building the full coefficients instead (a
         concatenation of flipped copies) took 2.9 ms of the 204k's 64 ms H200 step at 565 GB/s.
         The product costs twice the FLOPs of the full one; it is the layer's smallest part."""
-        A = _half_orders_as_real(kappa, axis=1)  # [re/im in, 2, re/im out, l, n >= 0, C, D]
-        o = jnp.einsum("nmrbcl,rwslncd->wsblmd", F, A)  # [2, re/im, B, l, m (all), D]
+        A = _half_orders_as_real(kappa, axis=1).astype(F.dtype)  # [re/im in, 2, re/im out, l, n >= 0, C, D]
+        o = jnp.einsum("nmrbcl,rwslncd->wsblmd", F, A, preferred_element_type=jnp.float32)  # [2, re/im, B, l, m, D]
         sm = ((-1.0) ** np.arange(Lc)).astype(np.float32)[:, None]
         return o[0, :, :, :, Lc - 1 :] + sm * o[1, :, :, :, Lc - 1 :: -1]
 
