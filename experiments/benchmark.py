@@ -17,7 +17,8 @@ SPHERE_JAX_BOUNDARY=xla against pallas, SPHERE_JAX_GRID_DTYPE=float32 against bf
 --aot=TARGET (h200, h100 or a target-config file): instead of timing, compile each --models training
 step (--train_batch) for that GPU on this machine, which needs JAX's CUDA plugin but no GPU, and
 report its kernels by kind, their bytes (XLA's generic cost analysis), layout copies and memory;
-with --env_variants, once per setting (DIR/aot.json, DIR/aot.md; sphere_jax.aot).
+with --env_variants, once per setting (DIR/aot.json, DIR/aot.md; sphere_jax.aot). With
+--layouts_what=infer it compiles the inference program instead (batch --train_batch).
 --profile=MODEL,...: trace a few training steps of each model and attribute the traced time to
 layers, forward / backward and operations (DIR/profile.json, DIR/profile.md; sphere_jax.profiling).
 Every model is measured in its own subprocess (peak RSS).
@@ -65,7 +66,8 @@ flags.DEFINE_integer("profile_steps", 3, "--profile: traced steps (after 2 + thi
                      "the wall time per step)")
 flags.DEFINE_bool("profile_keep_trace", False, "--profile: also keep each trace in DIR, gzipped "
                   "(profile_MODEL_L.._b...xplane.pb.gz; read it with jax.profiler.ProfileData)")
-flags.DEFINE_enum("layouts_what", "train", ["train", "infer"], "--layouts, --variants: time the training step or inference")
+flags.DEFINE_enum("layouts_what", "train", ["train", "infer"],
+                  "--layouts, --variants: time the training step or inference; --aot: compile which of them")
 flags.DEFINE_list("variants", None, "instead of whole models: these models under each of --env_variants in one "
                   "process, timed alternately (--layouts_what, --train_batch, --repeats rounds); writes variants.json/.md")
 flags.DEFINE_list("env_variants", ["xla:SPHERE_JAX_BOUNDARY=xla", "pallas:SPHERE_JAX_BOUNDARY=pallas"],
@@ -265,17 +267,18 @@ def variant_comparison():
 
 
 def aot_markdown(rows: list[dict]) -> str:
-    lines = ["| model | L | batch | settings | GFLOP | GB | GB / first | layout copies GB | temp GB | kernels | "
-             "largest kinds (GB) | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | program | L | batch | settings | GFLOP | GB | GB / first | layout copies GB | temp GB | kernels | "
+             "largest kinds (GB) | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first = {}
     for r in rows:
         env = " ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "(defaults)"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['L']} | | {env} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['model']} | | {r['L']} | | {env} | error: {r['error']} | | | | | | | |")
             continue
-        ref = first.setdefault((r["model"], r["L"], r["batch"]), r["gb"])
+        what = r.get("what", "train")
+        ref = first.setdefault((r["model"], what, r["L"], r["batch"]), r["gb"])
         kinds = ", ".join(f"{k} {v['gb']:.1f}" for k, v in list(r["by_kind"].items())[:3])
-        lines.append(f"| {r['model']} | {r['L']} | {r['batch']} | {env} | {r['gflop']:.0f} | {r['gb']:.1f} | "
+        lines.append(f"| {r['model']} | {what} | {r['L']} | {r['batch']} | {env} | {r['gflop']:.0f} | {r['gb']:.1f} | "
                      f"{r['gb'] / ref:.3f} | {r['copy_gb']:.1f} | {r['temp_gb']:.2f} | {r['kernels']} | {kinds} | "
                      f"{r['compile_s']} |")
     target = rows[0].get("target", "?") if rows else "?"
@@ -295,7 +298,7 @@ def aot_costs():
             raise app.UsageError(str(e))
         for env in variants.values():
             case = {"aot_model": name, "L": FLAGS.L or benchmark.study_L(name, FLAGS.reduced),
-                    "batch": FLAGS.train_batch or 1, "target": FLAGS.aot, "env": env}
+                    "batch": FLAGS.train_batch or 1, "target": FLAGS.aot, "what": FLAGS.layouts_what, "env": env}
             rows.append(benchmark.run_in_subprocess(case, timeout=FLAGS.timeout))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "by_kind"}), flush=True)
     with open(os.path.join(FLAGS.out, "aot.json"), "w") as f:

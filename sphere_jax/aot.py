@@ -159,15 +159,20 @@ def kernel_bytes(hlo_text: str) -> dict[str, dict]:
     return {k: {"count": c, "gb": b / 1e9} for k, (c, b) in order}
 
 
-def train_step_cost(name: str, L: int, batch: int, target: str = "h200") -> dict:
-    """Compile model ``name``'s training step (Adam, the benchmark's, :func:`sphere_jax.train.
-    make_train_step`) at band-limit ``L`` (inputs ``[batch, 2L, 2L-1, 1]``) for GPU ``target``
-    without a GPU, under this process's environment (``SPHERE_JAX_*`` settings apply). CNNs take
-    their GPU formulation (``conv_impl="lax"``).
+WHATS = ("train", "infer")
 
-    Returns ``model, L, batch, target, jax``, ``compile_s``, ``gflop`` and ``gb`` (:func:`hlo_cost`),
-    ``copy_gb`` (layout copies, :func:`sphere_jax.benchmark.copy_gb`), ``kernels`` (their number)
-    and ``by_kind`` (:func:`kernel_bytes`), ``temp_gb`` and ``argument_gb`` (XLA's memory plan)."""
+
+def train_step_cost(name: str, L: int, batch: int, target: str = "h200", what: str = "train") -> dict:
+    """Compile model ``name``'s training step (``what="train"``: Adam, the benchmark's,
+    :func:`sphere_jax.train.make_train_step`) or its inference (``"infer"``: :func:`sphere_jax.
+    train.make_predict`, what the benchmark times as ``infer_s``) at band-limit ``L`` (inputs
+    ``[batch, 2L, 2L-1, 1]``) for GPU ``target`` without a GPU, under this process's environment
+    (``SPHERE_JAX_*`` settings apply). CNNs take their GPU formulation (``conv_impl="lax"``).
+
+    Returns ``model, L, batch, target, what, jax``, ``compile_s``, ``gflop`` and ``gb``
+    (:func:`hlo_cost`), ``copy_gb`` (layout copies, :func:`sphere_jax.benchmark.copy_gb`),
+    ``kernels`` (their number) and ``by_kind`` (:func:`kernel_bytes`), ``temp_gb`` and
+    ``argument_gb`` (XLA's memory plan)."""
     import jax
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -179,6 +184,8 @@ def train_step_cost(name: str, L: int, batch: int, target: str = "h200") -> dict
 
     if batch < 1 or L < 1:
         raise ValueError(f"L and batch must be >= 1, got {L}, {batch}")
+    if what not in WHATS:
+        raise ValueError(f"what must be one of {WHATS}, got {what!r}")
     sharding = NamedSharding(gpu_mesh(target), PartitionSpec())
     model, task = registry.make_model(name, L_in=L)
     if hasattr(model, "conv_impl"):
@@ -194,14 +201,18 @@ def train_step_cost(name: str, L: int, batch: int, target: str = "h200") -> dict
     def spec(tree):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
-    state = jax.eval_shape(state_of, jax.random.key(0))
     t = time.perf_counter()
-    compiled = train.make_train_step(model, task).lower(spec(state), spec(tables), spec(x), spec(y)).compile()
+    if what == "train":
+        state = jax.eval_shape(state_of, jax.random.key(0))
+        compiled = train.make_train_step(model, task).lower(spec(state), spec(tables), spec(x), spec(y)).compile()
+    else:
+        variables = jax.eval_shape(lambda k: model.init(k, x[:1], tables), jax.random.key(0))
+        compiled = train.make_predict(model).lower(spec(variables), spec(tables), spec(x)).compile()
     compile_s = time.perf_counter() - t
     text = compiled.as_text()
     kinds = kernel_bytes(text)
     mem = compiled.memory_analysis()
-    return {"model": name, "L": L, "batch": batch, "target": target, "jax": jax.__version__,
+    return {"model": name, "L": L, "batch": batch, "target": target, "what": what, "jax": jax.__version__,
             "compile_s": round(compile_s, 1), **hlo_cost(compiled), "copy_gb": benchmark.copy_gb(text),
             "kernels": sum(v["count"] for v in kinds.values()), "by_kind": kinds,
             "temp_gb": round(mem.temp_size_in_bytes / 1e9, 3), "argument_gb": round(mem.argument_size_in_bytes / 1e9, 3)}

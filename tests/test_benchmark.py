@@ -124,6 +124,23 @@ def test_torch_table_of_paired_rows():
     assert len([l for l in md if l.startswith("| cnn")]) == 2 and "5, 7 rounds" in md[-1]
 
 
+def test_aot_markdown_compares_each_program_with_its_own_first_row():
+    from experiments import benchmark as cli
+
+    kinds = {"gemm_fusion_dot": {"count": 3, "gb": 6.0}, "loop_transpose_fusion": {"count": 2, "gb": 2.0}}
+    row = dict(model="s2cnn_204k", L=50, batch=32, target="h200", jax="0.11.2", gflop=2000.0, copy_gb=1.5,
+               temp_gb=3.0, kernels=5, by_kind=kinds, compile_s=60.0)
+    rows = [dict(row, what="train", gb=100.0, env={}), dict(row, what="train", gb=50.0, env={"A": "1"}),
+            dict(row, what="infer", gb=40.0, env={}), dict(row, what="infer", gb=30.0, env={"A": "1"}),
+            {"model": "s2cnn_204k", "L": 50, "error": ["boom"], "env": {"A": "2"}}]
+    md = cli.aot_markdown(rows).splitlines()
+    body = [l for l in md if l.startswith("| s2cnn_204k")]
+    assert [l.split(" | ")[7] for l in body[:4]] == ["1.000", "0.500", "1.000", "0.750"]
+    assert [l.split(" | ")[1] for l in body[:4]] == ["train", "train", "infer", "infer"]
+    assert "A=1" in body[1] and "(defaults)" in body[0] and "error: ['boom']" in body[4]
+    assert "gemm_fusion_dot 6.0, loop_transpose_fusion 2.0" in body[0] and "h200" in md[-1]
+
+
 def test_copy_gb_counts_copies_and_transposes_only():
     hlo = """HloModule m
 ENTRY %main {
