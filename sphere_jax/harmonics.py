@@ -487,9 +487,10 @@ def coeff_dtype() -> jnp.dtype:
     ``float32`` (the default) or ``bfloat16``. The products then take bfloat16 operands (XLA
     accumulates such dots in float32 on GPUs, and computes them in float32 on CPUs); the
     parameters and their gradients stay float32; what is rounded is each stored coefficient,
-    to 8 significant bits. With bfloat16 grids (:func:`grid_dtype`) the coefficients' layout copies between the
-    Wigner steps and the block products are the largest float32 traffic left: about a quarter
-    of the 204k segmenter's step bytes in the H200's program (``results/gpu/README.md``).
+    to 8 significant bits. With bfloat16 grids (:func:`grid_dtype`) the coefficients' layout
+    copies between the Wigner steps and the block products are the largest float32 traffic
+    left: about a quarter of the 204k segmenter's step bytes in the H200's program; with this
+    setting too, that program moves 0.48 of float32's bytes (``results/gpu/README.md``).
     Set by ``SPHERE_JAX_COEFF_DTYPE``; read when a model is traced. Channels-last layers ignore
     it."""
     v = os.environ.get("SPHERE_JAX_COEFF_DTYPE", "float32")
