@@ -85,6 +85,17 @@ def so3_coeffs() -> str:
     return v
 
 
+def numerics() -> dict:
+    """The settings, read from the environment when a model is traced, that choose how the S2CNN
+    layers compute (not what: every one gives the same numbers up to rounding): ``transforms``,
+    ``so3_layout``, ``grid_dtype``, ``coeff_dtype``, ``boundary``
+    (:mod:`sphere_jax.harmonics`), ``so3_bucket`` and ``so3_coeffs`` (this module). Runs record
+    them, since the bfloat16 settings round what a model learns from."""
+    return {"transforms": hm.transforms(), "so3_layout": hm.so3_layout(), "grid_dtype": str(hm.grid_dtype()),
+            "coeff_dtype": str(hm.coeff_dtype()), "boundary": hm.boundary(), "so3_bucket": bucket_size(),
+            "so3_coeffs": so3_coeffs()}
+
+
 def _uniform(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
 

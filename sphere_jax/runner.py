@@ -32,7 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from sphere_jax import harmonics, metrics, train
+from sphere_jax import harmonics, layers, metrics, train
 from sphere_jax.data import pipeline, sphere
 from sphere_jax.models import registry, s2cnn
 
@@ -460,7 +460,8 @@ class _Member:
         _append_jsonl(self.workdir, {"info": {
             "params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(state.params))),
             "device": jax.devices()[0].device_kind, "devices": n_dev, "steps_per_epoch": self.stream.steps_per_epoch,
-            "start_step": self.step, "steps_per_call": K, **({"input_norm": input_norm} if input_norm else {}),
+            "start_step": self.step, "steps_per_call": K,
+            **({"input_norm": input_norm, "numerics": layers.numerics()} if input_norm else {}),
             **extra}})
 
     def evaluated(self, done: int, loss: float, variables, seconds: float, test_every: bool) -> tuple[float, float]:

@@ -278,6 +278,9 @@ def test_a_segmenter_trained_with_another_input_normalisation_is_refused(tmp_pat
     runner.fit(cfg, str(wd), progress=False)
     recs = _records(wd)
     assert [r["info"]["input_norm"] for r in recs if "info" in r] == ["none"]
+    numerics = [r["info"]["numerics"] for r in recs if "info" in r][0]  # how the layers computed
+    assert numerics["grid_dtype"] == numerics["coeff_dtype"] == "float32" and numerics["so3_bucket"] >= 1
+    assert set(numerics) == {"transforms", "so3_layout", "grid_dtype", "coeff_dtype", "boundary", "so3_bucket", "so3_coeffs"}
     params, _, step = runner.restore_params(str(wd))
     assert step == 2
 
