@@ -158,6 +158,31 @@ def test_segmenter_is_equivariant_to_grid_z_rotations():
     assert err < 1e-4
 
 
+def _small_gamma_first_segmenter(monkeypatch, L=7):
+    """A two-SO3Conv segmenter at band-limit ``L`` with gamma-first layers, its tables, a digit
+    input and its initial variables: ``(model, tables, x, variables)``."""
+    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
+    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
+    cfg = s2cnn.S2CNNSegmenterConfig(
+        L_in=L, s2_features=4, s2_bandlimit=L, so3_features=(5, 4), so3_bandlimits=(L, L), L_out=L
+    )
+    m = s2cnn.S2CNNSegmenter(cfg)
+    tables = hm.build_tables(m.table_specs())
+    x = _digit_batch(L, rotations.euler_to_matrix(0.0, 2.4, 0.0))
+    return m, tables, x, m.init(jax.random.key(0), x, tables)
+
+
+def _logits_shift_error_grads(m, v, x, tables):
+    """Under the current environment: the logits, their z-shift (3 longitude steps) equivariance
+    error relative to the largest logit, and the parameters' gradients of ``sum(logits^2)``."""
+    apply = jax.jit(m.apply)
+    y = apply(v, x, tables)
+    y_shift = apply(v, jnp.roll(x, 3, axis=2), tables)
+    err = float(jnp.abs(y_shift - jnp.roll(y, 3, axis=2)).max() / jnp.abs(y).max())
+    g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, tables) ** 2)))(v["params"])
+    return y, err, jax.tree.leaves(g)
+
+
 def test_bfloat16_grids_cost_equivariance_but_stay_close(monkeypatch):
     """SPHERE_JAX_GRID_DTYPE=bfloat16 (gamma-first layers only): the same segmenter rounds its
     SO(3) grids to 8 significant bits. Measured at L=7, inits 0-3, inputs as they are and at RMS
@@ -165,26 +190,13 @@ def test_bfloat16_grids_cost_equivariance_but_stay_close(monkeypatch):
     from float32's (relative to the largest), every parameter's gradient 6.9e-3 - 1.9e-2 from
     float32's (relative to its own largest). The biases' gradients, which sum a whole grid, were
     0.2-0.26 off while that sum ran in bfloat16; it runs in float32 now."""
-    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
-    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
-    L = 7
-    cfg = s2cnn.S2CNNSegmenterConfig(
-        L_in=L, s2_features=4, s2_bandlimit=L, so3_features=(5, 4), so3_bandlimits=(L, L), L_out=L
-    )
-    m = s2cnn.S2CNNSegmenter(cfg)
-    tables = hm.build_tables(m.table_specs())
-    x = _digit_batch(L, rotations.euler_to_matrix(0.0, 2.4, 0.0))
-    v = m.init(jax.random.key(0), x, tables)
+    m, tables, x, v = _small_gamma_first_segmenter(monkeypatch)
     out, grads = {}, {}
     for dt in hm.GRID_DTYPES:
         monkeypatch.setenv("SPHERE_JAX_GRID_DTYPE", dt)
-        apply = jax.jit(m.apply)
-        y = apply(v, x, tables)
+        y, err, grads[dt] = _logits_shift_error_grads(m, v, x, tables)
         assert y.dtype == jnp.float32  # the segmenter's output (an S2 signal) stays float32
-        y_shift = apply(v, jnp.roll(x, 3, axis=2), tables)
-        out[dt] = (y, float(jnp.abs(y_shift - jnp.roll(y, 3, axis=2)).max() / jnp.abs(y).max()))
-        g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, tables) ** 2)))(v["params"])
-        grads[dt] = jax.tree.leaves(g)
+        out[dt] = (y, err)
         assert all(a.dtype == jnp.float32 for a in grads[dt])
     (y32, err32), (y16, err16) = out["float32"], out["bfloat16"]
     assert err32 < 1e-5
@@ -205,28 +217,15 @@ def test_bfloat16_coefficients_stay_close(monkeypatch):
     1.1e-2 apart (bfloat16 grids alone: 8.0e-3 - 8.8e-3), z-shift equivariance error 7.2e-3 -
     1.1e-2, each parameter's gradient within 1.6e-2 of float32's; with float32 grids, logits
     3.7e-3 - 6.7e-3, gradients within 2.6e-2. Parameters, gradients and outputs stay float32."""
-    monkeypatch.setenv("SPHERE_JAX_TRANSFORMS", "dft")
-    monkeypatch.setenv("SPHERE_JAX_SO3_LAYOUT", "gamma_first")
-    L = 7
-    cfg = s2cnn.S2CNNSegmenterConfig(
-        L_in=L, s2_features=4, s2_bandlimit=L, so3_features=(5, 4), so3_bandlimits=(L, L), L_out=L
-    )
-    m = s2cnn.S2CNNSegmenter(cfg)
-    tables = hm.build_tables(m.table_specs())
-    x = _digit_batch(L, rotations.euler_to_matrix(0.0, 2.4, 0.0))
-    v = m.init(jax.random.key(0), x, tables)
+    m, tables, x, v = _small_gamma_first_segmenter(monkeypatch)
     rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
     out, grads = {}, {}
     for grid, coeff in [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")]:
         monkeypatch.setenv("SPHERE_JAX_GRID_DTYPE", grid)
         monkeypatch.setenv("SPHERE_JAX_COEFF_DTYPE", coeff)
-        apply = jax.jit(m.apply)
-        y = apply(v, x, tables)
+        y, err, grads[grid, coeff] = _logits_shift_error_grads(m, v, x, tables)
         assert y.dtype == jnp.float32
-        y_shift = apply(v, jnp.roll(x, 3, axis=2), tables)
-        out[grid, coeff] = (y, float(jnp.abs(y_shift - jnp.roll(y, 3, axis=2)).max() / jnp.abs(y).max()))
-        g = jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, tables) ** 2)))(v["params"])
-        grads[grid, coeff] = jax.tree.leaves(g)
+        out[grid, coeff] = (y, err)
         assert all(a.dtype == jnp.float32 for a in grads[grid, coeff])
     y32 = out["float32", "float32"][0]
     for key in [("bfloat16", "bfloat16"), ("float32", "bfloat16")]:
@@ -237,6 +236,7 @@ def test_bfloat16_coefficients_stay_close(monkeypatch):
         leaf_errors = [rel(a, b) for a, b in zip(grads[key], grads["float32", "float32"])]
         assert len(leaf_errors) == 8 and max(leaf_errors) < 0.06, (key, leaf_errors)
     # the transform's own output: float32 coefficients rounded to 8 significant bits
+    L = 7
     xs = hm.to_gamma_first(jax.random.normal(jax.random.key(1), (2, 2 * L - 1, 2 * L, 2 * L - 1, 3)))
     table = jnp.asarray(hm.so3_table_gf(L, True, L))
     c32, c16 = hm.so3_forward_gf(xs, table), hm.so3_forward_gf(xs, table, jnp.bfloat16)
