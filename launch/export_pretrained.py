@@ -48,6 +48,7 @@ def card_of(workdir: str, name: str) -> dict:
         "n_train_digits": "all minus hold-out" if cfg.n_train == 0 else cfg.n_train, "n_holdout": cfg.n_holdout,
         "device": info.get("device"),
         **({"input_norm": info["input_norm"]} if "input_norm" in info else {}),  # S2CNNs (runner.fit records it)
+        **({"numerics": info["numerics"]} if "numerics" in info else {}),  # how its layers computed (float32 or not)
         "test": {rot: {k: rec["test"][k] for k in keep if k in rec["test"]} for rot, rec in sorted(tests.items())},
         "command": f"python -m {entry} " + " ".join(flags) + " --workdir=runs/" + name,
         "evaluate": f"python -m experiments.evaluate --pretrained={name} --test_rotation=so3 --n_test=0",

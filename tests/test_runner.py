@@ -281,6 +281,10 @@ def test_a_segmenter_trained_with_another_input_normalisation_is_refused(tmp_pat
     numerics = [r["info"]["numerics"] for r in recs if "info" in r][0]  # how the layers computed
     assert numerics["grid_dtype"] == numerics["coeff_dtype"] == "float32" and numerics["so3_bucket"] >= 1
     assert set(numerics) == {"transforms", "so3_layout", "grid_dtype", "coeff_dtype", "boundary", "so3_bucket", "so3_coeffs"}
+    from launch import export_pretrained
+
+    card = export_pretrained.card_of(str(wd), "tiny")  # a model card says it too
+    assert card["numerics"] == numerics and card["input_norm"] == "none" and card["steps_trained"] == 2
     params, _, step = runner.restore_params(str(wd))
     assert step == 2
 
