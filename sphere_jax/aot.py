@@ -21,7 +21,7 @@ What it lacks against a real device:
   their operands' bytes but no FLOPs: the CNNs' cuDNN convolutions give a step of a few GFLOP.
 * No timing, of course.
 
-``python -m experiments.benchmark --aot=h200 --models=s2cnn_204k`` runs :func:`train_step_cost`
+``python -m experiments.benchmark --aot=h200 --models=s2cnn_204k`` runs :func:`program_cost`
 per model (and per ``--env_variants`` setting) and writes ``aot.json`` / ``aot.md``. A GPU
 window can record the exact target of its chip with :func:`device_target_config`; pass that
 file as the target afterwards.
@@ -162,7 +162,7 @@ def kernel_bytes(hlo_text: str) -> dict[str, dict]:
 WHATS = ("train", "infer")
 
 
-def train_step_cost(name: str, L: int, batch: int, target: str = "h200", what: str = "train") -> dict:
+def program_cost(name: str, L: int, batch: int, target: str = "h200", what: str = "train") -> dict:
     """Compile model ``name``'s training step (``what="train"``: Adam, the benchmark's,
     :func:`sphere_jax.train.make_train_step`) or its inference (``"infer"``: :func:`sphere_jax.
     train.make_predict`, what the benchmark times as ``infer_s``) at band-limit ``L`` (inputs

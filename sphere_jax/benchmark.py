@@ -577,12 +577,12 @@ def _case_model(case: dict):
 
 def aot_case(case: dict) -> dict:
     """``{"aot_model": NAME, "L", "batch", "target", "what", "env"}`` -> :func:`sphere_jax.aot.
-    train_step_cost` (compiled for that GPU without one; ``what``: ``"train"``, the default, or
+    program_cost` (compiled for that GPU without one; ``what``: ``"train"``, the default, or
     ``"infer"``), with ``env`` (the settings it ran under) added. Run it through
     :func:`run_in_subprocess`, which applies ``env`` to the subprocess."""
     from sphere_jax import aot
 
-    row = aot.train_step_cost(case["aot_model"], int(case["L"]), int(case["batch"]), case.get("target", "h200"),
+    row = aot.program_cost(case["aot_model"], int(case["L"]), int(case["batch"]), case.get("target", "h200"),
                               case.get("what", "train"))
     return {**row, "env": case.get("env", {})}
 

@@ -84,12 +84,12 @@ def test_a_training_step_compiles_for_a_gpu_without_one():
     assert aot.hlo_cost(c)["gflop"] == pytest.approx(2 * n**3 / 1e9, rel=1e-2)  # + a fused epilogue
     assert any("cublas" in k or "gemm" in k for k in aot.kernel_bytes(c.as_text()))
 
-    row = aot.train_step_cost("s2cnn_seg_small", 8, 2, "h200")
+    row = aot.program_cost("s2cnn_seg_small", 8, 2, "h200")
     assert row["gflop"] > 0 and row["gb"] > 0 and row["kernels"] > 10
     assert any("gemm" in k or "cublas" in k for k in row["by_kind"])
-    cnn = aot.train_step_cost("cnn_cls_68k", 10, 2, "h100")
+    cnn = aot.program_cost("cnn_cls_68k", 10, 2, "h100")
     assert any("conv" in k or "cudnn" in k for k in cnn["by_kind"]), list(cnn["by_kind"])
-    infer = aot.train_step_cost("s2cnn_seg_small", 8, 2, "h200", what="infer")
+    infer = aot.program_cost("s2cnn_seg_small", 8, 2, "h200", what="infer")
     assert infer["what"] == "infer" and 0 < infer["gflop"] < row["gflop"] / 2 and 0 < infer["gb"] < row["gb"] / 2
     with pytest.raises(ValueError, match="what"):
-        aot.train_step_cost("s2cnn_seg_small", 8, 2, "h200", what="backward")
+        aot.program_cost("s2cnn_seg_small", 8, 2, "h200", what="backward")
