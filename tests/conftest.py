@@ -12,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # in a new process (kill-and-resume, determinism, 1 vs 2 devices), and a cached executable
 # loads in a fraction of the compile time (a run_fit.py subprocess: 25 s -> 9 s). The cache
 # lives in a fresh temporary folder, so no executable outlives the session or crosses machines.
+# Under pytest-xdist (`make test`) the controller loads this file first, so its workers inherit
+# the same folder and share what either compiles; the controller removes it at exit.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="sphere_jax_test_jit_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
