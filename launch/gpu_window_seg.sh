@@ -63,9 +63,11 @@ PY=${PYTHON:-python3}
 # second 2026-11-27 H200 window), run in this order (launch.run_grid --only keeps it): the deep
 # S2CNN's MNIST runs with its 20-epoch schedule (seeds 1, 2 trained R; seed 2 NR; runs 1 and 31
 # again), its FashionMNIST seed 0 (R, NR), then the 4M CNN's MNIST levels 2, 8, 16 and its two
-# cut runs (4 copies, fresh). The 68k and 250k CNNs' levels, and the 1M's level 16 (run 21), run on
+# cut runs (4 copies, fresh), then the 1M CNN's FashionMNIST levels 8, 4, 2, 1 (runs 69-66: about
+# 7 hours each on 2 CPU cores, more than a session, whose machine may be new the next time; 172 s
+# on an H100 for its fresh level). The 68k and 250k CNNs' levels, and the 1M's MNIST levels, ran on
 # CPU (results/classification/README.md).
-CLS_ONLY=${CLS_ONLY-35,36,32,1,31,52,50,24,26,27,25,28}
+CLS_ONLY=${CLS_ONLY-35,36,32,1,31,52,50,24,26,27,25,28,69,68,67,66}
 CLS_JOBS=${CLS_JOBS:-2}
 SEG_MODE=${SEG_MODE:-input_scale}
 SCALE_STEPS=${SCALE_STEPS:-600}
