@@ -53,11 +53,17 @@
 # together, at most this many per process, launch.run_grid --together; default 0: no limit; ""
 # each run alone), SEG_MODE=grid with SEG_ONLY (runs of paper_segmentation, default the MNIST
 # CNNs 1-15) and SEG_TOGETHER (default 5: each CNN size's five levels in one program). Runs resume: unpack
-# sweep_state.tgz into $SWEEP first.
+# sweep_state.tgz into $SWEEP first, or let INFLIGHT (default results/inflight/inflight.tgz, a
+# tracked file, so it travels with every call: launch.pack --checkpoints=inflight) be unpacked
+# into an empty $SWEEP; INFLIGHT= skips it.
 set -u
 TRAIN_S=${1:?seconds of training}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SWEEP=${SWEEP:-/tmp/sweep}; mkdir -p "$SWEEP"
+INFLIGHT=${INFLIGHT-results/inflight/inflight.tgz}
+if [ -n "$INFLIGHT" ] && [ -f "$INFLIGHT" ] && [ -z "$(ls -A "$SWEEP")" ]; then
+  tar xzf "$INFLIGHT" -C "$SWEEP" && echo "resuming the runs of $INFLIGHT in $SWEEP"
+fi
 PY=${PYTHON:-python3}
 # default: the runs of paper_classification still missing, in the issue's order (after the
 # second 2026-11-27 H200 window), run in this order (launch.run_grid --only keeps it): the deep

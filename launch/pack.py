@@ -1,6 +1,6 @@
 """Pack a sweep's small files for the trip back from a lent GPU (at most 8 files come back).
 
-    python -m launch.pack --sweep=/tmp/sweep --out=$OUT [--checkpoints=best|state|none] [--cache=DIR]
+    python -m launch.pack --sweep=/tmp/sweep --out=$OUT [--checkpoints=best|state|inflight|none] [--cache=DIR]
 
 Writes ``OUT/sweep_meta.tgz``: every run's ``config.json``, ``metrics.jsonl``, ``run.log``,
 ``summary.md`` and prediction figures, the sweep's ``sweep.jsonl`` and ``aggregate/``. Then,
@@ -11,6 +11,12 @@ with ``--checkpoints``:
 * ``state`` -> ``OUT/sweep_state.tgz``: the S2CNN runs' checkpoints, under 15 MB (a file that
   comes back from a lent GPU may have 16 MB): best and latest of the unfinished runs (to resume
   them in the next window) first, then the best of the finished ones.
+
+* ``inflight`` -> ``OUT/inflight.tgz``: the unfinished S2CNN runs alone, each with its metadata
+  (the files of ``sweep_meta.tgz``) and its best and latest checkpoints, under 8 MB: the one
+  archive to unpack into a new sweep root to resume them. Small enough to commit (as
+  ``results/inflight/inflight.tgz``), since the machine of the next session, and its ignored
+  folders such as ``.whl/``, may be new; tracked files go with every device call.
 
 And with ``--cache=DIR`` (a JAX persistent compilation cache) -> ``OUT/xla_cache.tgz``: its
 newest files, under 15 MB. A lent machine starts bare, so every window would compile each model
@@ -31,6 +37,7 @@ META = ("config.json", "metrics.jsonl", "run.log", "sweep.jsonl", "summary.md", 
         "predictions_NR.png")
 SHIP_MAX_PARAMS = 1_100_000
 SHIP_BUDGET_BYTES = 15e6
+INFLIGHT_BUDGET_BYTES = 8e6
 
 
 def run_dirs(sweep: str) -> list[str]:
@@ -50,13 +57,17 @@ def params_of(run_dir: str) -> int | None:
     return None
 
 
+def _add_meta(tar: tarfile.TarFile, sweep: str, d: str) -> None:
+    for f in META:
+        if os.path.exists(os.path.join(d, f)):
+            tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
+
+
 def pack_meta(sweep: str, out: str) -> str:
     path = os.path.join(out, "sweep_meta.tgz")
     with tarfile.open(path, "w:gz") as tar:
         for d in [sweep] + run_dirs(sweep):
-            for f in META:
-                if os.path.exists(os.path.join(d, f)):
-                    tar.add(os.path.join(d, f), arcname=os.path.join(os.path.relpath(d, sweep), f))
+            _add_meta(tar, sweep, d)
         if os.path.isdir(os.path.join(sweep, "aggregate")):
             tar.add(os.path.join(sweep, "aggregate"), arcname="aggregate")
     return path
@@ -88,14 +99,17 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES) -> str:
+def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES, inflight: bool = False) -> str:
     """Unfinished S2CNN runs first, each with its best and latest checkpoints (to resume it),
     then the finished ones with their best checkpoint alone (to evaluate or ship it), while the
     archive's uncompressed size stays within ``budget_bytes``. A run that does not fit is named on
-    stderr and left out whole."""
-    path = os.path.join(out, "sweep_state.tgz")
+    stderr and left out whole. ``inflight``: the unfinished runs alone, each with its metadata
+    too, into ``inflight.tgz``."""
+    path = os.path.join(out, "inflight.tgz" if inflight else "sweep_state.tgz")
     runs = [d for d in run_dirs(sweep) if "/s2cnn" in d]
     runs.sort(key=finished)  # False (unfinished) first; stable, so in path order within each
+    if inflight:
+        runs = [d for d in runs if not finished(d)]
     budget = budget_bytes
     with tarfile.open(path, "w:gz") as tar:
         for d in runs:
@@ -109,6 +123,8 @@ def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES) ->
             budget -= size
             for sub in subs:
                 tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.relpath(d, sweep), sub))
+            if inflight:
+                _add_meta(tar, sweep, d)
     return path
 
 
@@ -143,18 +159,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", required=True, help="sweep root (launch.run_grid --root)")
     p.add_argument("--out", required=True, help="folder for the archives")
-    p.add_argument("--checkpoints", choices=("best", "state", "none"), default="none")
+    p.add_argument("--checkpoints", choices=("best", "state", "inflight", "none"), default="none")
     p.add_argument("--cache", default="", help="a compilation cache folder to pack into xla_cache.tgz")
     args = p.parse_args(argv)
     if not os.path.isdir(args.sweep):
         print(f"error: no sweep at {args.sweep}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    paths = [pack_meta(args.sweep, args.out)]
+    # inflight.tgz carries its runs' metadata itself: it is the one archive to commit
+    paths = [] if args.checkpoints == "inflight" else [pack_meta(args.sweep, args.out)]
     if args.checkpoints == "best":
         paths.append(pack_best(args.sweep, args.out))
     elif args.checkpoints == "state":
         paths.append(pack_state(args.sweep, args.out))
+    elif args.checkpoints == "inflight":
+        paths.append(pack_state(args.sweep, args.out, INFLIGHT_BUDGET_BYTES, inflight=True))
     if args.cache and os.path.isdir(args.cache):
         paths.append(pack_cache(args.cache, args.out))
     for path in filter(None, paths):

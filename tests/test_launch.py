@@ -506,6 +506,11 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
     state = names(out / "sweep_state.tgz")
     assert any(n.endswith("R-R-augfresh-seed0/checkpoints/6/weights") for n in state)
     assert any(n.endswith("NR-R-aug1-seed0/best/10/weights") for n in state)
+    # the cut run alone, with its metadata: one archive to resume it from on a new machine
+    assert pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "inflight"]) == 0
+    cut_files = {n.split("R-R-augfresh-seed0/")[1] for n in names(out / "inflight.tgz") if "/weights" in n or "." in n}
+    assert cut_files == {"config.json", "metrics.jsonl", "best/5/weights", "checkpoints/6/weights"}
+    assert not any("NR-R-aug1-seed0" in n or "cnn_5_5m" in n for n in names(out / "inflight.tgz"))
     pack.pack_state(str(sweep), str(out), budget_bytes=2000)  # room for the cut run (2,000 bytes) alone
     state = names(out / "sweep_state.tgz")
     assert any(n.endswith("R-R-augfresh-seed0/best/5/weights") for n in state)
