@@ -16,7 +16,8 @@ with ``--checkpoints``:
   (the files of ``sweep_meta.tgz``) and its best and latest checkpoints, under 8 MB: the one
   archive to unpack into a new sweep root to resume them. Small enough to commit (as
   ``results/inflight/inflight.tgz``), since the machine of the next session, and its ignored
-  folders such as ``.whl/``, may be new; tracked files go with every device call.
+  folders such as ``.whl/``, may be new; tracked files go with every device call. A run without
+  a checkpoint yet is left out (it starts over anyway), and no ``sweep_meta.tgz`` is written.
 
 And with ``--cache=DIR`` (a JAX persistent compilation cache) -> ``OUT/xla_cache.tgz``: its
 newest files, under 15 MB. A lent machine starts bare, so every window would compile each model
@@ -115,6 +116,8 @@ def pack_state(sweep: str, out: str, budget_bytes: float = SHIP_BUDGET_BYTES, in
         for d in runs:
             subs = ("best",) if finished(d) else ("best", "checkpoints")
             subs = [s for s in subs if os.path.isdir(os.path.join(d, s))]
+            if inflight and not subs:
+                continue
             size = sum(_dir_bytes(os.path.join(d, s)) for s in subs)
             if size > budget:
                 print(f"pack: {os.path.relpath(d, sweep)} left out of {os.path.basename(path)} "

@@ -511,6 +511,9 @@ def test_pack_keeps_metadata_and_the_checkpoints_asked_for(tmp_path):
     cut_files = {n.split("R-R-augfresh-seed0/")[1] for n in names(out / "inflight.tgz") if "/weights" in n or "." in n}
     assert cut_files == {"config.json", "metrics.jsonl", "best/5/weights", "checkpoints/6/weights"}
     assert not any("NR-R-aug1-seed0" in n or "cnn_5_5m" in n for n in names(out / "inflight.tgz"))
+    fake_workdir(str(sweep / "segment/mnist-d1-L8/s2cnn_204k/R-R-augfresh-seed1"), RunConfig(), None, "segment")
+    pack.main(["--sweep", str(sweep), "--out", str(out), "--checkpoints", "inflight"])
+    assert not any("seed1" in n for n in names(out / "inflight.tgz"))  # no checkpoint yet: nothing to resume
     pack.pack_state(str(sweep), str(out), budget_bytes=2000)  # room for the cut run (2,000 bytes) alone
     state = names(out / "sweep_state.tgz")
     assert any(n.endswith("R-R-augfresh-seed0/best/5/weights") for n in state)
