@@ -57,8 +57,7 @@ def main(argv):
     if FLAGS.digits_per_image > 1:
         from sphere_jax.data import sphere
 
-        digit, _ = stream._items(0, stream.epoch_order(0))
-        imgs = stream.data[0][digit].reshape(FLAGS.num, FLAGS.digits_per_image, 28, 28)
+        imgs = stream.data[0][stream.digits(0)]  # [num, k, 28, 28]
         o = sphere.scene_overlap(imgs, labels, stream.rotations(0), FLAGS.L, digit_scale=FLAGS.digit_scale)
         extra = (f"; {100 * o['overwritten']:.2f} % of digit pixels hidden by a later digit (worst scene "
                  f"{100 * o['worst_scene']:.1f} %), closest centres {o['min_separation_deg']:.1f} degrees apart")

@@ -275,3 +275,28 @@ def test_plot_samples_writes_a_png_and_the_globe_is_not_mirrored(tmp_path, strea
     q_img, q_globe = quad(img / 255.0), quad(c)
     assert np.argmax(q_globe) == np.argmax(q_img) == 0  # top-left quadrant brightest in both
     assert np.corrcoef(q_img, q_globe)[0, 1] > 0.9
+
+
+def test_digits_name_the_batch_digits_and_show_data_draws_scenes(tiny, streams, tmp_path):
+    """``DigitStream.digits(step)`` names the digits of a batch, in its labels' order (labels
+    identify digits here), across an epoch boundary; ``experiments.show_data`` uses it for the
+    overlap line of ``make demo``'s first command (scenes of 3 digits)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    s = streams["multi"][0]
+    for step in (0, s.steps_per_epoch - 1, s.steps_per_epoch):
+        d = np.asarray(s.digits(step))
+        assert d.shape == (4, 2) and d.dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(tiny[1])[d], np.asarray(s.batch(step)[1]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "scenes.png"
+    r = subprocess.run([sys.executable, "-m", "experiments.show_data", "--source=synthetic", "--digits_per_image=3",
+                        "--L=8", "--num=2", f"--out={out}"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"([\d.]+) % of digit pixels hidden .* closest centres ([\d.]+) degrees apart", r.stdout)
+    assert m, r.stdout
+    assert 0 <= float(m.group(1)) <= 100 and float(m.group(2)) >= 90.0 - 1e-3  # the default separation
+    assert matplotlib.image.imread(str(out)).ndim == 3

@@ -184,6 +184,13 @@ class DigitStream:
             self._cached_order = (epoch, self._order(jnp.asarray(epoch, jnp.int32)))
         return self._cached_order[1]
 
+    def digits(self, step: int) -> jax.Array:
+        """``int32 [B, k]``: which of the stream's digits (indices into :attr:`data`) the batch of
+        ``step`` shows, in the order of its labels (``k = digits_per_image``)."""
+        cfg = self.config
+        digit, _ = self._items(step, self.epoch_order(step), self.steps_per_epoch)
+        return digit.reshape(cfg.batch_size, cfg.digits_per_image)
+
     def rotations(self, step: int) -> jax.Array:
         """The rotations ``[B, k, 3, 3]`` of the batch of ``step`` (digit centres: see
         :func:`sphere_jax.data.sphere.digit_centre`)."""
