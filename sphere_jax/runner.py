@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from sphere_jax import harmonics, layers, metrics, train
 from sphere_jax.data import pipeline, sphere
-from sphere_jax.models import registry, s2cnn
+from sphere_jax.models import cnn, registry, s2cnn
 
 SOURCES = ("tfds", "synthetic", "npz")
 
@@ -205,7 +205,11 @@ class RunSetup:
         try:
             return jax.jit(self.model.init)(key, self.sample_input(), self.tables)
         except ValueError as e:  # e.g. an input too small for a CNN's valid convolutions
-            raise RunError(f"{self.cfg.model} cannot take band-limit L={self.cfg.L}: {str(e).splitlines()[0]}") from None
+            hint = ""
+            if hasattr(self.model, "kernels") and hasattr(self.model, "strides"):  # the planar CNNs
+                m = cnn.min_input_size(self.model.kernels, self.model.strides)
+                hint = f"; use --L={(m + 2) // 2} or more (a grid of 2L x (2L - 1) >= {m} x {m})"
+            raise RunError(f"{self.cfg.model} cannot take band-limit L={self.cfg.L}: {str(e).splitlines()[0]}{hint}") from None
 
     def abstract_variables(self) -> dict:
         return jax.eval_shape(lambda: self.model.init(jax.random.key(0), self.sample_input(), self.tables))

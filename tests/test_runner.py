@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from sphere_jax import runner
+from sphere_jax.models import cnn
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -241,8 +243,12 @@ def test_bad_inputs(tmp_path, monkeypatch):
     # a band-limit the model cannot take
     with pytest.raises(runner.RunError, match="below the first layer"):
         runner.fit(dataclasses.replace(TINY_SEG, model="s2cnn_cls", L=6), str(tmp_path / "a"), progress=False)
-    with pytest.raises(runner.RunError, match="cnn_218k cannot take band-limit L=4"):
+    with pytest.raises(runner.RunError, match="cnn_218k cannot take band-limit L=4") as err:
         runner.fit(dataclasses.replace(TINY_SEG, model="cnn_218k", L=4), str(tmp_path / "c"), progress=False)
+    m = cnn.SEGMENTERS["cnn_218k"].min_input_size()  # the smallest band-limit it names takes the model
+    L_min = int(str(err.value).split("use --L=")[1].split()[0])
+    assert 2 * L_min - 1 >= m > 2 * (L_min - 1) - 1
+    runner.RunSetup.build(dataclasses.replace(TINY_SEG, model="cnn_218k", L=L_min)).init_variables(jax.random.key(0))
     assert not (tmp_path / "c").exists()  # nothing written for a run that cannot start
     # missing data: no prepared dataset and no offline source -> the install command, at once
     from sphere_jax.data import digits
