@@ -305,22 +305,11 @@ def model_task(name: str) -> str:
     raise ValueError(f"unknown model {name!r}; choose one of {registry.model_names()}")
 
 
-def min_L(name: str) -> int:
-    """Smallest input band-limit a model accepts (grid ``2L x (2L-1)``)."""
-    from sphere_jax.models import cnn, s2cnn
-
-    if name in s2cnn.CLASSIFIERS:
-        return int(s2cnn.CLASSIFIERS[name].bandlimits[0])
-    for table in (cnn.SEGMENTERS, cnn.CLASSIFIERS):
-        if name in table:
-            m = cnn.min_input_size(table[name].kernels, table[name].strides)
-            return (m + 2) // 2  # 2L - 1 >= m
-    return 1
-
-
 def study_L(name: str, reduced: bool = False) -> int:
     """The band-limit a model is benchmarked at: the study's 50 (segmentation) / 30 (classification),
-    or with ``reduced`` 12 / 10 raised to the model's minimum."""
+    or with ``reduced`` 12 / 10 raised to the model's minimum (:func:`sphere_jax.models.registry.min_L`)."""
+    from sphere_jax.models.registry import min_L
+
     seg = model_task(name) == "segment"
     if not reduced:
         return max(50 if seg else 30, min_L(name))

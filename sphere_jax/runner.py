@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from sphere_jax import harmonics, layers, metrics, train
 from sphere_jax.data import pipeline, sphere
-from sphere_jax.models import cnn, registry, s2cnn
+from sphere_jax.models import registry, s2cnn
 
 SOURCES = ("tfds", "synthetic", "npz")
 
@@ -205,10 +205,8 @@ class RunSetup:
         try:
             return jax.jit(self.model.init)(key, self.sample_input(), self.tables)
         except ValueError as e:  # e.g. an input too small for a CNN's valid convolutions
-            hint = ""
-            if hasattr(self.model, "kernels") and hasattr(self.model, "strides"):  # the planar CNNs
-                m = cnn.min_input_size(self.model.kernels, self.model.strides)
-                hint = f"; use --L={(m + 2) // 2} or more (a grid of 2L x (2L - 1) >= {m} x {m})"
+            L_min = registry.min_L(self.cfg.model)
+            hint = f"; use --L={L_min} or more" if L_min > self.cfg.L else ""
             raise RunError(f"{self.cfg.model} cannot take band-limit L={self.cfg.L}: {str(e).splitlines()[0]}{hint}") from None
 
     def abstract_variables(self) -> dict:

@@ -51,6 +51,20 @@ def make_model(name: str, L_in: int, num_classes: int | None = None) -> tuple[nn
     raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
 
 
+def min_L(name: str) -> int:
+    """Smallest input band-limit a model accepts (grid ``2L x (2L-1)``): a Cohen / deep S2CNN
+    classifier's first band-limit, the smallest grid a planar CNN's VALID convolutions fit in, else 1."""
+    if name in s2cnn.CLASSIFIERS:
+        return int(s2cnn.CLASSIFIERS[name].bandlimits[0])
+    from sphere_jax.models import cnn
+
+    for table in (cnn.SEGMENTERS, cnn.CLASSIFIERS):
+        if name in table:
+            m = cnn.min_input_size(table[name].kernels, table[name].strides)
+            return (m + 2) // 2  # 2L - 1 >= m
+    return 1
+
+
 # Models whose CPU runs train faster data-parallel over the cores split into JAX devices
 # (train.split_cpu, train.make_split_train_step) than on one device using every core inside each
 # operation. Measured 2026-11-28 on 2 cores, batch 32, L = 30, whole training runs of
