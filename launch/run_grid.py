@@ -203,6 +203,13 @@ def _event(root: str, **rec):
         f.write(json.dumps(rec) + "\n")
 
 
+# Measured on 2 CPU cores (results/classification/README.md, "Cost of the grid"): one program of
+# several runs (jax.vmap) trains fewer run-steps per second than the runs one process each.
+CPU_TOGETHER_NOTE = ("no GPU is visible, and on CPU cores runs trained together are slower than one process per run "
+                     "(68k CNN: 2 runs in one program 0.83x one run's steps/s, two processes of 6 runs each 0.4x "
+                     "two processes of one run); leave out --together there")
+
+
 def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None = None, jobs: int | None = None,
             devices: Sequence[str] | None = None, stop_on_failure: bool = False,
             log: Callable[[str], None] = print, together: int | None = None) -> SweepResult:
@@ -248,6 +255,8 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
     grouped = "" if together is None else f" in {todo.qsize()} processes"
     log(f"{len(runs)} runs: {len(res.skipped)} finished before, {len(left)} to run{grouped}, "
         f"{len(res.conflicts)} conflicts; {jobs} at a time" + (f" on GPUs {slots}" if devices else ""))
+    if together is not None and not devices and any(isinstance(u, grid_lib.RunGroup) for u in todo.queue):
+        log(f"note: {CPU_TOGETHER_NOTE}")
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -338,7 +347,8 @@ def _parse(argv):
     p.add_argument("--together", type=int, nargs="?", const=0, default=None, metavar="N",
                    help="train unfinished runs that differ only in their seed and augmentation level together, one "
                         "process per group of at most N runs (none given: no limit; --seeds / --augmentations: one "
-                        "program, one device); each run keeps its own workdir")
+                        "program, one device); each run keeps its own workdir. For GPUs: on CPU cores it is slower than one "
+                        "process per run")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every run, e.g. --set source=npz --set digits_npz=/data/mnist.npz "

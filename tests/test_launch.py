@@ -720,7 +720,9 @@ def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_p
     cnn250 = [r for r in runs if r.config.model == "cnn_cls_250k"]
     fake_workdir(cnn250[0].workdir(root), cnn250[0].config, None, "classify")  # a group's first run, started
     ex = GroupFake()
-    res = run_grid.execute(runs, root, ex, devices=[], log=lambda s: None, together=0)
+    logged = []
+    res = run_grid.execute(runs, root, ex, devices=[], log=logged.append, together=0)
+    assert sum(run_grid.CPU_TOGETHER_NOTE in line for line in logged) == 1  # no GPU: the CPU's measurement is said
     idx = lambda rs: sorted(r.index for r in rs)
     # 68k: levels 1 and fresh have both seeds left (one group), level 4 only seed 0 (alone);
     # 250k: all six together; the NR Cohen run and the two segmenters (other data) alone
@@ -748,7 +750,9 @@ def test_together_trains_runs_that_differ_only_in_seed_and_augmentation_as_one_p
         grid.RunGroup((runs[0], cnn68[0]))
     # on GPUs each worker gets one: runs trained together use one device
     ex = GroupFake()
-    run_grid.execute(runs, str(tmp_path / "gpus"), ex, devices=["0", "1", "2", "3"], log=lambda s: None, together=0)
+    logged = []
+    run_grid.execute(runs, str(tmp_path / "gpus"), ex, devices=["0", "1", "2", "3"], log=logged.append, together=0)
+    assert not any(run_grid.CPU_TOGETHER_NOTE in line for line in logged)
     assert len(ex.envs) == 5 and all(e["CUDA_VISIBLE_DEVICES"] in ("0", "1", "2", "3") for e in ex.envs)  # 1 + 6 + 6 + 1 + 1 runs
     with pytest.raises(grid.GridError, match="not every augmentation level with every seed"):
         grid.RunGroup(tuple(cnn68[:3]))  # level 1 seeds 0, 1 and level 4 seed 0
