@@ -72,8 +72,12 @@ def min_L(name: str) -> int:
 # now): cnn_cls_250k 0.68x the time (0.81x with two runs sharing the cores, earlier step);
 # cnn_cls_68k 1.14x, cnn_cls_1m 0.96x (noise), cnn_cls_4m 1.04x: they keep one device. CNN-218k
 # at L = 50 took 0.97x per split step (noise), and the S2CNNs ran 1.75x slower on an SPMD split
-# (results/cpu_cnn/README.md).
-CPU_SPLIT = frozenset({"cnn_cls_250k"})
+# (results/cpu_cnn/README.md). The 1M and 4M classifiers joined on 2026-11-28 (late), from paired
+# rounds against PyTorch in one process (experiments.torch_twin --cpu_devices=2
+# --variants=one_device; results/cpu_cnn/epyc_20261128/split_vs_one_device.jsonl): inference at
+# batch 32 split / one device 0.91-0.93 (4M) and 0.91 (1M), training 0.97-1.00; 200-step whole
+# runs of the 4M then took 0.96-0.99x the time split (the 1.04x above was within the noise). The 5.5M segmenter's inference lost split (1.04).
+CPU_SPLIT = frozenset({"cnn_cls_250k", "cnn_cls_1m", "cnn_cls_4m"})
 
 
 def cpu_devices(name: str, batch_size: int, cores: int | None = None) -> int:
