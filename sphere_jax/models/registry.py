@@ -76,7 +76,8 @@ def min_L(name: str) -> int:
 # rounds against PyTorch in one process (experiments.torch_twin --cpu_devices=2
 # --variants=one_device; results/cpu_cnn/epyc_20261128/split_vs_one_device.jsonl): inference at
 # batch 32 split / one device 0.91-0.93 (4M) and 0.91 (1M), training 0.97-1.00; 200-step whole
-# runs of the 4M then took 0.96-0.99x the time split (the 1.04x above was within the noise). The 5.5M segmenter's inference lost split (1.04).
+# runs of the 4M then took 0.96-0.99x the time split (the 1.04x above was within the noise).
+# The 5.5M segmenter's inference lost split (1.04).
 CPU_SPLIT = frozenset({"cnn_cls_250k", "cnn_cls_1m", "cnn_cls_4m"})
 
 
