@@ -245,7 +245,8 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
             log(f"[{run.index}] {run.name}: CONFLICT, its workdir holds another configuration; move it away")
         else:
             left.append(run)
-    for unit in left if together is None else grid_lib.group_runs(left, together):
+    units = left if together is None else grid_lib.group_runs(left, together)
+    for unit in units:
         todo.put(unit)
     jobs = jobs or max(1, min(len(devices), todo.qsize()))
     if together is None or not devices:
@@ -255,7 +256,7 @@ def execute(runs: Sequence[grid_lib.Run], root: str, executor: Executor | None =
     grouped = "" if together is None else f" in {todo.qsize()} processes"
     log(f"{len(runs)} runs: {len(res.skipped)} finished before, {len(left)} to run{grouped}, "
         f"{len(res.conflicts)} conflicts; {jobs} at a time" + (f" on GPUs {slots}" if devices else ""))
-    if together is not None and not devices and any(isinstance(u, grid_lib.RunGroup) for u in todo.queue):
+    if together is not None and not devices and any(isinstance(u, grid_lib.RunGroup) for u in units):
         log(f"note: {CPU_TOGETHER_NOTE}")
     stop = threading.Event()
     lock = threading.Lock()

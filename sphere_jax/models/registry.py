@@ -60,8 +60,7 @@ def min_L(name: str) -> int:
 
     for table in (cnn.SEGMENTERS, cnn.CLASSIFIERS):
         if name in table:
-            m = cnn.min_input_size(table[name].kernels, table[name].strides)
-            return (m + 2) // 2  # 2L - 1 >= m
+            return (table[name].min_input_size() + 2) // 2  # 2L - 1 >= the conv stack's minimum
     return 1
 
 
